@@ -1,0 +1,128 @@
+"""Camera geometry for view synthesis (SPEC sections 2 and 4).
+
+Conventions: images are B x C x H x W; intrinsics K and inv_K are B x 4 x 4 (pixel units at the
+resolution of the image they are used with); a transform T (B x 4 x 4) maps points of the target
+camera (frame 0) into the source camera, so `warp(source, depth_0, T, K, inv_K)` resamples the
+source frame into the target view.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix, normalize_pixel_coordinates
+from kornia.geometry import create_meshgrid
+
+# KITTI's normalised intrinsics, shared by every frame of the raw set (SPEC section 5).
+KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)
+
+# z below this is treated as on the camera plane, so projection never divides by zero.
+_Z_EPS = 1e-7
+
+
+def disp_to_depth(
+    disp: torch.Tensor, min_depth: float = 0.1, max_depth: float = 100.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map the network's sigmoid output to (scaled disparity, depth) in [min_depth, max_depth]."""
+    min_disp = 1.0 / max_depth
+    max_disp = 1.0 / min_depth
+    scaled = min_disp + (max_disp - min_disp) * disp
+    return scaled, 1.0 / scaled
+
+
+def intrinsics_matrix(
+    height: int,
+    width: int,
+    normalized: tuple[float, float, float, float] = KITTI_INTRINSICS,
+    flip: bool = False,
+) -> torch.Tensor:
+    """4 x 4 pixel intrinsics from normalised (fx, fy, cx, cy) at one resolution.
+
+    A horizontal flip mirrors the principal point (cx -> 1 - cx).
+    """
+    fx, fy, cx, cy = normalized
+    if flip:
+        cx = 1.0 - cx
+    K = torch.eye(4)
+    K[0, 0], K[0, 2] = fx * width, cx * width
+    K[1, 1], K[1, 2] = fy * height, cy * height
+    return K
+
+
+def scale_intrinsics(K: torch.Tensor, scale: int) -> torch.Tensor:
+    """Intrinsics for the image downsampled by 2**scale (first two rows divided)."""
+    K = K.clone()
+    K[..., :2, :] = K[..., :2, :] / (2**scale)
+    return K
+
+
+def transformation_from_parameters(
+    axisangle: torch.Tensor, translation: torch.Tensor, invert: bool = False
+) -> torch.Tensor:
+    """B x 4 x 4 rigid transform [R | t] from axis-angle and translation (each B x 3).
+
+    `invert=True` returns the exact inverse [R^T | -R^T t]; the pose network predicts the
+    motion of the pair in the order it was given, and the caller inverts for past frames.
+    """
+    axisangle = axisangle.reshape(-1, 3)
+    translation = translation.reshape(-1, 3)
+    R = axis_angle_to_rotation_matrix(axisangle)
+    t = translation.unsqueeze(-1)
+    if invert:
+        R = R.transpose(1, 2)
+        t = -R @ t
+    bottom = torch.zeros_like(R[:, :1, :])
+    top = torch.cat([R, t], dim=2)
+    last = torch.cat([bottom, torch.ones_like(t[:, :1, :])], dim=2)
+    return torch.cat([top, last], dim=1)
+
+
+def pixel_grid(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """1 x 3 x (H*W) homogeneous pixel coordinates (u, v, 1), row-major."""
+    grid = create_meshgrid(height, width, normalized_coordinates=False, device=device)
+    uv = grid.reshape(1, -1, 2).transpose(1, 2)
+    return torch.cat([uv, torch.ones_like(uv[:, :1])], dim=1)
+
+
+def backproject(depth: torch.Tensor, inv_K: torch.Tensor) -> torch.Tensor:
+    """Lift every pixel to a 3-D point in its camera: B x 1 x H x W depth -> B x 4 x (H*W)."""
+    if depth.dim() != 4 or depth.shape[1] != 1:
+        raise ValueError(f"depth must be B x 1 x H x W, got shape {tuple(depth.shape)}")
+    b, _, h, w = depth.shape
+    pix = pixel_grid(h, w, depth.device).to(depth.dtype)
+    rays = inv_K[:, :3, :3] @ pix
+    points = rays * depth.reshape(b, 1, -1)
+    return torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
+
+
+def project(
+    points: torch.Tensor, K: torch.Tensor, T: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Project B x 4 x N camera points, moved by T, into a sampling grid B x H x W x 2.
+
+    The grid is in grid_sample's [-1, 1] coordinates for align_corners=True.
+    """
+    cam = (K @ T)[:, :3, :] @ points
+    uv = cam[:, :2] / (cam[:, 2:3] + _Z_EPS)
+    uv = uv.transpose(1, 2).reshape(points.shape[0], height, width, 2)
+    return normalize_pixel_coordinates(uv, height, width)
+
+
+def warp(
+    source: torch.Tensor,
+    depth: torch.Tensor,
+    T: torch.Tensor,
+    K: torch.Tensor,
+    inv_K: torch.Tensor,
+) -> torch.Tensor:
+    """Synthesise the target view from `source` given the target's depth and T (target->source).
+
+    Bilinear sampling with border padding and align_corners=True (SPEC eq. 1).
+    """
+    if source.shape[-2:] != depth.shape[-2:]:
+        raise ValueError(
+            f"source {tuple(source.shape)} and depth {tuple(depth.shape)} differ in size"
+        )
+    h, w = depth.shape[-2:]
+    grid = project(backproject(depth, inv_K), K, T, h, w)
+    return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)

@@ -1,0 +1,176 @@
+"""Depth and segmentation metrics (SPEC section 6).
+
+`depth_errors` is the per-image formula; `compute_depth_metrics` applies the Eigen protocol
+(crop, cap, median scaling) to one image; `DepthMetrics` and `SegmentationIoU` are torchmetrics
+wrappers so that validation numbers are reduced correctly across DDP processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassJaccardIndex
+
+DEPTH_METRIC_KEYS: tuple[str, ...] = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
+
+# Garg/Eigen crop as fractions of the ground-truth size (rows, then columns).
+GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
+
+
+def depth_errors(
+    gt: torch.Tensor | np.ndarray, pred: torch.Tensor | np.ndarray
+) -> dict[str, float | torch.Tensor]:
+    """The seven standard errors between already-masked 1-D ground truth and prediction."""
+    as_numpy = isinstance(gt, np.ndarray)
+    gt_t = torch.as_tensor(gt, dtype=torch.float64)
+    pred_t = torch.as_tensor(pred, dtype=torch.float64)
+    if gt_t.shape != pred_t.shape or gt_t.dim() != 1:
+        raise ValueError(
+            f"gt and pred must be 1-D and of equal length, got {tuple(gt_t.shape)} and "
+            f"{tuple(pred_t.shape)}"
+        )
+    if gt_t.numel() == 0:
+        raise ValueError("gt is empty: no valid pixel to score")
+    thresh = torch.maximum(gt_t / pred_t, pred_t / gt_t)
+    out = {
+        "abs_rel": torch.mean(torch.abs(gt_t - pred_t) / gt_t),
+        "sq_rel": torch.mean((gt_t - pred_t) ** 2 / gt_t),
+        "rmse": torch.sqrt(torch.mean((gt_t - pred_t) ** 2)),
+        "rmse_log": torch.sqrt(torch.mean((torch.log(gt_t) - torch.log(pred_t)) ** 2)),
+        "a1": (thresh < 1.25).double().mean(),
+        "a2": (thresh < 1.25**2).double().mean(),
+        "a3": (thresh < 1.25**3).double().mean(),
+    }
+    if as_numpy:
+        return {k: float(v) for k, v in out.items()}
+    return out
+
+
+def eval_mask(
+    gt: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 80.0, crop: str = "garg"
+) -> torch.Tensor:
+    """Valid-pixel mask of an H x W ground-truth map: depth range and optional Garg crop."""
+    mask = (gt > min_depth) & (gt < max_depth)
+    if crop == "garg":
+        h, w = gt.shape[-2:]
+        top, bottom, left, right = GARG_CROP
+        crop_mask = torch.zeros_like(mask)
+        crop_mask[..., int(top * h) : int(bottom * h), int(left * w) : int(right * w)] = True
+        mask &= crop_mask
+    elif crop != "none":
+        raise ValueError(f"crop must be 'garg' or 'none', got {crop!r}")
+    return mask
+
+
+def compute_depth_metrics(
+    gt: torch.Tensor,
+    pred_disp: torch.Tensor,
+    min_depth: float = 1e-3,
+    max_depth: float = 80.0,
+    crop: str = "garg",
+    median_scaling: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """Eigen protocol for one image: returns (errors, median ratio), or None without valid GT.
+
+    `gt` is H x W metric depth (0 = none); `pred_disp` is h x w disparity at any size: it is
+    resized bilinearly to the GT size and inverted, as Monodepth2's evaluation does.
+    """
+    pred_disp = F.interpolate(
+        pred_disp.reshape(1, 1, *pred_disp.shape[-2:]).double(),
+        size=gt.shape[-2:],
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0]
+    pred = 1.0 / pred_disp
+    mask = eval_mask(gt, min_depth, max_depth, crop)
+    if not bool(mask.any()):
+        return None
+    gt_v = gt[mask].double()
+    pred_v = pred[mask]
+    ratio = torch.ones((), dtype=torch.float64, device=gt.device)
+    if median_scaling:
+        ratio = torch.median(gt_v) / torch.median(pred_v)
+        pred_v = pred_v * ratio
+    pred_v = pred_v.clamp(min_depth, max_depth)
+    return depth_errors(gt_v, pred_v), ratio
+
+
+class DepthMetrics(Metric):
+    """Per-image Eigen errors averaged over images, summed across processes under DDP."""
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        min_depth: float = 1e-3,
+        max_depth: float = 80.0,
+        crop: str = "garg",
+        median_scaling: bool = True,
+    ) -> None:
+        super().__init__()
+        self.min_depth, self.max_depth, self.crop = min_depth, max_depth, crop
+        self.median_scaling = median_scaling
+        self.add_state("sums", default=torch.zeros(len(DEPTH_METRIC_KEYS), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("ratios", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        pred_disp: torch.Tensor,
+        gt: torch.Tensor,
+        gt_size: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    ) -> None:
+        """pred_disp B x 1 x h x w; gt B x 1 x Hg x Wg (zero-padded); gt_size B x 2 true sizes."""
+        for i in range(gt.shape[0]):
+            g = gt[i, 0]
+            if gt_size is not None:
+                gh, gw = (int(x) for x in gt_size[i])
+                g = g[:gh, :gw]
+            result = compute_depth_metrics(
+                g, pred_disp[i, 0], self.min_depth, self.max_depth, self.crop,
+                self.median_scaling,
+            )
+            if result is None:
+                continue
+            errors, ratio = result
+            self.sums += torch.stack([errors[k] for k in DEPTH_METRIC_KEYS]).to(self.sums)
+            self.count += 1
+            self.ratios.append(ratio.reshape(1).to(self.sums))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        if float(self.count) == 0:
+            return {}
+        out = {k: self.sums[i] / self.count for i, k in enumerate(DEPTH_METRIC_KEYS)}
+        ratios = self.ratios
+        if isinstance(ratios, list):
+            ratios = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
+        if ratios.numel():
+            out["ratio_median"] = ratios.median()
+            out["ratio_std"] = ratios.std(unbiased=False) / ratios.median()
+        out["num_images"] = self.count.clone()
+        return out
+
+
+class SegmentationIoU(MulticlassJaccardIndex):
+    """mIoU over the Cityscapes train ids with void pixels ignored.
+
+    Classes absent from both prediction and labels are left out of the mean (Cityscapes
+    protocol); torchmetrics' macro average would count them as 0 or NaN instead.
+    """
+
+    def __init__(self, num_classes: int = 19, ignore_index: int = 255) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            average="none",
+            zero_division=float("nan"),
+        )
+
+    def compute(self) -> torch.Tensor:
+        return torch.nanmean(super().compute())

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from fsre_lightning.geometry import (
+    backproject,
+    disp_to_depth,
+    intrinsics_matrix,
+    project,
+    scale_intrinsics,
+    transformation_from_parameters,
+    warp,
+)
+
+
+def _K(b: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    K = intrinsics_matrix(h, w).expand(b, 4, 4).clone()
+    return K, torch.linalg.inv(K)
+
+
+def test_intrinsics_follow_kitti_normalised_values_and_flip() -> None:
+    K = intrinsics_matrix(192, 640)
+    assert K[0, 0] == pytest.approx(0.58 * 640)
+    assert K[1, 1] == pytest.approx(1.92 * 192)
+    assert K[0, 2] == pytest.approx(320) and K[1, 2] == pytest.approx(96)
+    flipped = intrinsics_matrix(192, 640, normalized=(0.58, 1.92, 0.3, 0.5), flip=True)
+    assert flipped[0, 2] == pytest.approx(0.7 * 640)
+    half = scale_intrinsics(K, 1)
+    assert half[0, 0] == pytest.approx(K[0, 0] / 2) and half[2, 2] == 1 and half[3, 3] == 1
+
+
+def test_disp_to_depth_range() -> None:
+    scaled, depth = disp_to_depth(torch.tensor([0.0, 1.0]), 0.1, 100.0)
+    assert depth[0] == pytest.approx(100.0) and depth[1] == pytest.approx(0.1)
+    assert torch.allclose(scaled * depth, torch.ones(2))
+
+
+def test_transformation_matches_rodrigues_and_inverts_exactly() -> None:
+    axisangle = torch.tensor([[0.0, 0.0, math.pi / 2]])
+    translation = torch.tensor([[1.0, 2.0, 3.0]])
+    M = transformation_from_parameters(axisangle, translation)
+    expected_R = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert torch.allclose(M[0, :3, :3], expected_R, atol=1e-6)
+    assert torch.allclose(M[0, :3, 3], translation[0])
+    g = torch.Generator().manual_seed(0)
+    aa, t = torch.randn(4, 3, generator=g) * 0.2, torch.randn(4, 3, generator=g)
+    inv = transformation_from_parameters(aa, t, invert=True)
+    eye = transformation_from_parameters(aa, t) @ inv
+    assert torch.allclose(eye, torch.eye(4).expand(4, 4, 4), atol=1e-5)
+
+
+def test_backproject_project_roundtrip_is_identity_grid() -> None:
+    b, h, w = 2, 8, 12
+    K, inv_K = _K(b, h, w)
+    depth = torch.rand(b, 1, h, w) * 10 + 1
+    grid = project(backproject(depth, inv_K), K, torch.eye(4).expand(b, 4, 4), h, w)
+    xs = torch.linspace(-1, 1, w).view(1, 1, w).expand(b, h, w)
+    ys = torch.linspace(-1, 1, h).view(1, h, 1).expand(b, h, w)
+    assert torch.allclose(grid[..., 0], xs, atol=1e-5)
+    assert torch.allclose(grid[..., 1], ys, atol=1e-5)
+
+
+def test_warp_with_identity_pose_and_constant_depth_returns_source() -> None:
+    b, h, w = 2, 64, 192
+    K, inv_K = _K(b, h, w)
+    source = torch.rand(b, 3, h, w)
+    depth = torch.full((b, 1, h, w), 7.5)
+    out = warp(source, depth, torch.eye(4).expand(b, 4, 4), K, inv_K)
+    assert torch.allclose(out, source, atol=1e-4)
+
+
+def test_warp_translation_shifts_by_disparity() -> None:
+    # A camera moved 1 m to the right sees a fronto-parallel plane at depth Z shifted by
+    # fx / Z pixels: source(u - fx * tx / Z) lands on target pixel u.
+    b, h, w = 1, 32, 96
+    K, inv_K = _K(b, h, w)
+    Z, tx = 10.0, 1.0
+    shift = float(K[0, 0, 0]) * tx / Z
+    u = torch.arange(w, dtype=torch.float32)
+    source = (u / w).view(1, 1, 1, w).expand(b, 3, h, w).contiguous()
+    T = torch.eye(4).expand(b, 4, 4).clone()
+    T[:, 0, 3] = -tx  # target points expressed in a camera 1 m to the right
+    out = warp(source, torch.full((b, 1, h, w), Z), T, K, inv_K)
+    expected = ((u - shift).clamp(0, w - 1) / w).view(1, 1, 1, w).expand_as(out)
+    assert torch.allclose(out, expected, atol=1e-4)
