@@ -14,7 +14,7 @@ from fsre_lightning.geometry import (
 )
 
 
-def _K(b: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _intrinsics(b: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     K = intrinsics_matrix(h, w).expand(b, 4, 4).clone()
     return K, torch.linalg.inv(K)
 
@@ -52,7 +52,7 @@ def test_transformation_matches_rodrigues_and_inverts_exactly() -> None:
 
 def test_backproject_project_roundtrip_is_identity_grid() -> None:
     b, h, w = 2, 8, 12
-    K, inv_K = _K(b, h, w)
+    K, inv_K = _intrinsics(b, h, w)
     depth = torch.rand(b, 1, h, w) * 10 + 1
     grid = project(backproject(depth, inv_K), K, torch.eye(4).expand(b, 4, 4), h, w)
     xs = torch.linspace(-1, 1, w).view(1, 1, w).expand(b, h, w)
@@ -63,7 +63,7 @@ def test_backproject_project_roundtrip_is_identity_grid() -> None:
 
 def test_warp_with_identity_pose_and_constant_depth_returns_source() -> None:
     b, h, w = 2, 64, 192
-    K, inv_K = _K(b, h, w)
+    K, inv_K = _intrinsics(b, h, w)
     source = torch.rand(b, 3, h, w)
     depth = torch.full((b, 1, h, w), 7.5)
     out = warp(source, depth, torch.eye(4).expand(b, 4, 4), K, inv_K)
@@ -74,7 +74,7 @@ def test_warp_translation_shifts_by_disparity() -> None:
     # A camera moved 1 m to the right sees a fronto-parallel plane at depth Z shifted by
     # fx / Z pixels: source(u - fx * tx / Z) lands on target pixel u.
     b, h, w = 1, 32, 96
-    K, inv_K = _K(b, h, w)
+    K, inv_K = _intrinsics(b, h, w)
     Z, tx = 10.0, 1.0
     shift = float(K[0, 0, 0]) * tx / Z
     u = torch.arange(w, dtype=torch.float32)
