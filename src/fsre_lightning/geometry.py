@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from kornia.geometry.conversions import axis_angle_to_rotation_matrix, normalize_pixel_coordinates
 from kornia.geometry import create_meshgrid
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix, normalize_pixel_coordinates
 
 # KITTI's normalised intrinsics, shared by every frame of the raw set (SPEC section 5).
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)
