@@ -1,0 +1,23 @@
+"""Pure loss functions of SPEC section 4 (no state, no configuration).
+
+- photometric: `ssim`, `photometric_loss`, `min_reprojection_loss`
+- smoothness: `smoothness_loss`
+- segmentation: `segmentation_loss`, `resize_labels`
+- sgt: `sgt_loss` (semantics-guided triplet loss, memory-light formulation)
+"""
+
+from fsre_lightning.losses.photometric import min_reprojection_loss, photometric_loss, ssim
+from fsre_lightning.losses.segmentation import VOID_LABEL, resize_labels, segmentation_loss
+from fsre_lightning.losses.sgt import sgt_loss
+from fsre_lightning.losses.smoothness import smoothness_loss
+
+__all__ = [
+    "VOID_LABEL",
+    "min_reprojection_loss",
+    "photometric_loss",
+    "resize_labels",
+    "segmentation_loss",
+    "sgt_loss",
+    "smoothness_loss",
+    "ssim",
+]

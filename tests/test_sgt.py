@@ -1,0 +1,252 @@
+"""Semantics-guided triplet loss against a slow, loop-over-anchors implementation (SPEC 4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsre_lightning.losses import sgt_loss
+
+
+def _slow_sgt(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    kernel_size: int = 5,
+    margin: float = 0.3,
+    threshold: int | None = None,
+) -> torch.Tensor:
+    """SPEC's definition, one anchor and one patch pixel at a time."""
+    t = kernel_size - 1 if threshold is None else threshold
+    p = kernel_size // 2
+    b, _, h, w = features.shape
+    fh = F.normalize(features, dim=1)
+    terms = []
+    for n in range(b):
+        for y in range(h):
+            for x in range(w):
+                anchor = int(labels[n, y, x])
+                if anchor == 255:
+                    continue  # a void anchor makes no patch
+                pos, neg = [], []
+                for yy in range(y - p, y + p + 1):
+                    for xx in range(x - p, x + p + 1):
+                        if not (0 <= yy < h and 0 <= xx < w):
+                            continue  # outside the image: neither positive nor negative
+                        other = int(labels[n, yy, xx])
+                        if other == 255:
+                            continue  # void: neither
+                        cos = (fh[n, :, y, x] * fh[n, :, yy, xx]).sum()
+                        dist = torch.sqrt(torch.clamp(2 - 2 * cos, min=1e-9))
+                        (pos if other == anchor else neg).append(dist)
+                if len(pos) >= t and len(neg) >= t:
+                    d_pos = torch.stack(pos).mean()
+                    d_neg = torch.stack(neg).mean()
+                    terms.append(torch.relu(d_pos - d_neg + margin))
+    if not terms:
+        return features.sum() * 0
+    return torch.stack(terms).mean()
+
+
+def _value(t: torch.Tensor) -> float:
+    return t.detach().item()
+
+
+def _case(
+    seed: int, b: int = 2, c: int = 4, h: int = 7, w: int = 9, classes: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, classes, (b, h, w), generator=gen)
+    labels[0, 0, 0] = 255  # void anchor in a corner
+    if b > 1 and h >= 5 and w >= 5:
+        labels[1, 3, 4] = 255  # void anchor in the middle
+        labels[0, 2, :3] = 255  # void run touching the left border
+        labels[1, -1, -2:] = 255
+    return features.requires_grad_(), labels
+
+
+def _assert_matches_slow(features: torch.Tensor, labels: torch.Tensor, **kwargs: float) -> None:
+    ours = sgt_loss(features, labels, **kwargs)  # type: ignore[arg-type]
+    ref = _slow_sgt(features, labels, **kwargs)  # type: ignore[arg-type]
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    (g_ours,) = torch.autograd.grad(ours, features)
+    (g_ref,) = torch.autograd.grad(ref, features)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_sgt_matches_slow_reference(kernel_size: int) -> None:
+    features, labels = _case(seed=kernel_size)
+    loss = sgt_loss(features, labels, kernel_size=kernel_size)
+    assert loss.dim() == 0 and loss.item() > 0
+    _assert_matches_slow(features, labels, kernel_size=kernel_size)
+
+
+@pytest.mark.parametrize(("kernel_size", "threshold"), [(3, 1), (3, 3), (5, 2), (5, 8), (7, 6)])
+def test_sgt_threshold_variations(kernel_size: int, threshold: int) -> None:
+    features, labels = _case(seed=10 + threshold, classes=2)
+    _assert_matches_slow(features, labels, kernel_size=kernel_size, threshold=threshold)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.05, 1.0])
+def test_sgt_margin_variations(margin: float) -> None:
+    features, labels = _case(seed=20)
+    _assert_matches_slow(features, labels, kernel_size=3, margin=margin)
+
+
+def test_sgt_larger_margin_gives_larger_loss() -> None:
+    features, labels = _case(seed=21)
+    values = [_value(sgt_loss(features, labels, margin=m)) for m in (0.0, 0.3, 1.0, 3.0)]
+    assert values == sorted(values) and values[0] < values[-1]
+    # Every distance is <= 2, so with m = 3 every hinge is active: L = mean(d+ - d-) + m.
+    assert values[-1] > 3.0 - 2.0
+
+
+def test_sgt_accepts_numpy_integers_for_kernel_and_threshold() -> None:
+    features, labels = _case(seed=30)
+    expected = sgt_loss(features, labels, kernel_size=3, threshold=2)
+    out = sgt_loss(features, labels, kernel_size=np.int64(3), threshold=np.int32(2))
+    assert _value(out) == _value(expected)
+
+
+def test_sgt_threshold_above_patch_size_has_no_boundary_patch() -> None:
+    features, labels = _case(seed=22)
+    loss = sgt_loss(features, labels, kernel_size=3, threshold=5)  # |P+| + |P-| <= 9 < 10
+    assert _value(loss) == 0.0 and loss.grad_fn is not None
+
+
+def test_sgt_image_smaller_than_kernel() -> None:
+    features, labels = _case(seed=23, b=1, h=2, w=3, classes=2)
+    _assert_matches_slow(features, labels, kernel_size=5, threshold=1)
+
+
+def test_sgt_one_class_is_exactly_zero_with_a_graph() -> None:
+    features = torch.randn(2, 4, 6, 7, requires_grad=True)
+    labels = torch.full((2, 6, 7), 3, dtype=torch.long)
+    labels[0, 1, 1] = 255
+    loss = sgt_loss(features, labels)
+    assert _value(loss) == 0.0 and torch.isfinite(loss)
+    assert loss.grad_fn is not None
+    loss.backward()
+    assert features.grad is not None and float(features.grad.abs().sum()) == 0.0
+    all_void = sgt_loss(features, torch.full((2, 6, 7), 255, dtype=torch.long))
+    assert _value(all_void) == 0.0 and all_void.grad_fn is not None
+
+
+def test_sgt_identical_features_give_finite_gradients() -> None:
+    # All features equal: every pair is at distance 0, the clamp inside the sqrt is hit.
+    for dtype in (torch.float32, torch.float64):
+        features = torch.ones(1, 4, 6, 7, dtype=dtype).mul_(0.5).requires_grad_()
+        labels = torch.zeros(1, 6, 7, dtype=torch.long)
+        labels[:, :, 4:] = 1
+        loss = sgt_loss(features, labels, kernel_size=3)
+        # d+ = d- (both ~sqrt(1e-9) or a rounding-level distance), so L = m.
+        assert _value(loss) == pytest.approx(0.3, abs=1e-3)
+        loss.backward()
+        assert features.grad is not None and bool(torch.isfinite(features.grad).all())
+    features, labels = _case(seed=24)
+    with torch.no_grad():
+        features[0, :, 3, 3] = features[0, :, 3, 4]  # one zero-distance pair
+    _assert_matches_slow(features, labels, kernel_size=3)
+
+
+def test_sgt_zero_feature_vector_matches_normalize_semantics() -> None:
+    features, labels = _case(seed=25)
+    with torch.no_grad():
+        features[1, :, 2, 2] = 0.0
+    ours = sgt_loss(features, labels, kernel_size=3)
+    ref = _slow_sgt(features, labels, kernel_size=3)
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours, features)
+    (g_ref,) = torch.autograd.grad(ref, features)
+    assert bool(torch.isfinite(g_ours).all())
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-14)
+
+
+def test_sgt_float32_agrees_with_float64() -> None:
+    features, labels = _case(seed=26, c=16, h=12, w=15)
+    ref = sgt_loss(features, labels)
+    (g_ref,) = torch.autograd.grad(ref, features)
+    f32 = features.detach().float().requires_grad_()
+    out = sgt_loss(f32, labels.to(torch.int32))
+    # No rounding noise from the anchor's self-distance: float32 is float64 to ~1e-7.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+    (g32,) = torch.autograd.grad(out, f32)
+    assert g32.dtype == torch.float32
+    torch.testing.assert_close(g32.double(), g_ref, rtol=1e-3, atol=1e-6 * float(g_ref.abs().max()))
+
+
+def test_sgt_accepts_bfloat16_and_features_without_grad() -> None:
+    features, labels = _case(seed=27)
+    expected = float(sgt_loss(features.detach(), labels))
+    out = sgt_loss(features.detach().to(torch.bfloat16), labels.to(torch.uint8))
+    assert out.dtype == torch.float32
+    assert float(out) == pytest.approx(expected, abs=2e-2)
+    with torch.no_grad():
+        assert _value(sgt_loss(features, labels)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sgt_is_invariant_to_feature_scale() -> None:
+    features, labels = _case(seed=28)
+    a = sgt_loss(features, labels)
+    b = sgt_loss(features * 7.5, labels)
+    assert _value(a) == pytest.approx(_value(b), rel=1e-10)
+
+
+def test_sgt_gradcheck() -> None:
+    features, labels = _case(seed=29, b=1, c=3, h=5, w=6, classes=2)
+    assert torch.autograd.gradcheck(
+        lambda f: sgt_loss(f, labels, kernel_size=3), (features,), eps=1e-6, atol=1e-7
+    )
+
+
+def test_sgt_hand_computed_patch() -> None:
+    # 1 x 3 image, K = 3, T = 1, m = 0.6; classes [0, 0, 1]; unit features at 0, 30, 60 degrees
+    # (scaled, the loss normalises them), so neighbours are 2 sin(15 deg) apart.
+    angles = torch.tensor([0.0, 30.0, 60.0], dtype=torch.float64).deg2rad()
+    radii = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    features = torch.stack([radii * angles.cos(), radii * angles.sin()]).view(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 0, 1]]])
+    eps = math.sqrt(1e-9)  # the anchor's distance to itself, clamped inside the sqrt
+    near = 2 * math.sin(math.radians(15))
+    # anchor 0: P+ = {itself, 1}, P- = {} -> not a boundary patch
+    # anchor 1: P+ = {0 (near), itself (eps)}, P- = {2 (near)}
+    # anchor 2: P+ = {itself (eps)}, P- = {1 (near)}; the pixel right of it is off-image
+    l1 = max(0.0, (near + eps) / 2 - near + 0.6)
+    l2 = max(0.0, eps - near + 0.6)
+    assert l1 > 0 and l2 > 0
+    loss = sgt_loss(features, labels, kernel_size=3, margin=0.6, threshold=1)
+    assert _value(loss) == pytest.approx((l1 + l2) / 2, rel=1e-12)
+    # With T = 2 only anchor 1 has |P+| >= 2, but |P-| = 1 < 2: no boundary patch.
+    assert _value(sgt_loss(features, labels, kernel_size=3, margin=0.6, threshold=2)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"features": torch.zeros(4, 7, 9)}, "features"),
+        ({"labels": torch.zeros(7, 9, dtype=torch.long)}, "labels"),
+        ({"labels": torch.zeros(2, 7, 8, dtype=torch.long)}, "labels"),
+        ({"labels": torch.zeros(1, 7, 9, dtype=torch.long)}, "labels"),
+        ({"labels": torch.zeros(2, 7, 9)}, "labels"),
+        ({"labels": torch.zeros(2, 7, 9, dtype=torch.bool)}, "labels"),
+        ({"kernel_size": 4}, "kernel_size"),
+        ({"kernel_size": 1}, "kernel_size"),
+        ({"kernel_size": 3.0}, "kernel_size"),
+        ({"margin": -0.1}, "margin"),
+        ({"threshold": 0}, "threshold"),
+        ({"threshold": 2.5}, "threshold"),
+    ],
+)
+def test_sgt_validation(kwargs: dict[str, object], name: str) -> None:
+    args: dict[str, object] = {
+        "features": torch.zeros(2, 4, 7, 9),
+        "labels": torch.zeros(2, 7, 9, dtype=torch.long),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        sgt_loss(**args)  # type: ignore[arg-type]
