@@ -1,0 +1,89 @@
+"""Monodepth2's U-Net decoder, callable block by block (SPEC sections 1 and 2).
+
+Block s (s = 4..0, coarsest first) maps the previous block's output (or the deepest encoder map
+for s = 4) to features of size H / 2^s with `DECODER_CHANNELS[s]` channels:
+
+    ConvBlock(in -> ch[s]) -> nearest upsample x2 -> concat encoder map s-1 (s > 0)
+    -> ConvBlock(-> ch[s])
+
+Heads are reflection-padded 3x3 convolutions at `head_scales` with no activation; the caller
+applies sigmoid (disparity) or keeps logits (segmentation). The block-wise API lets
+`FSRENetwork` run two decoders side by side and fuse them with CMA between blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsre_lightning.models.layers import ConvBlock, conv3x3
+
+DECODER_CHANNELS = (16, 32, 64, 128, 256)
+NUM_SCALES = len(DECODER_CHANNELS)
+
+
+class MonodepthDecoder(nn.Module):
+    """Five-block decoder with skip connections and per-scale output heads.
+
+    Args:
+        encoder_channels: widths of the five encoder maps (strides 2..32).
+        out_channels: channels of every head (1 for disparity, classes for segmentation).
+        head_scales: scales s with a head.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        out_channels: int,
+        head_scales: Sequence[int] = (0, 1, 2, 3),
+    ) -> None:
+        super().__init__()
+        if len(encoder_channels) != NUM_SCALES:
+            raise ValueError(
+                f"encoder_channels must list {NUM_SCALES} widths, got {list(encoder_channels)}"
+            )
+        for s in head_scales:
+            if not 0 <= s < NUM_SCALES:
+                raise ValueError(f"head_scales entries must be in 0..4, got {list(head_scales)}")
+        self.encoder_channels = tuple(int(c) for c in encoder_channels)
+        self.head_scales = tuple(sorted({int(s) for s in head_scales}, reverse=True))
+        ch = DECODER_CHANNELS
+        self.upconv0 = nn.ModuleDict()
+        self.upconv1 = nn.ModuleDict()
+        for s in range(NUM_SCALES - 1, -1, -1):
+            in_ch = self.encoder_channels[-1] if s == NUM_SCALES - 1 else ch[s + 1]
+            self.upconv0[str(s)] = ConvBlock(in_ch, ch[s])
+            skip = self.encoder_channels[s - 1] if s > 0 else 0
+            self.upconv1[str(s)] = ConvBlock(ch[s] + skip, ch[s])
+        self.heads = nn.ModuleDict({str(s): conv3x3(ch[s], out_channels) for s in self.head_scales})
+
+    def block(
+        self, scale: int, x: torch.Tensor, encoder_features: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Run block `scale` on `x` (previous block's output, or encoder map 4 for scale 4)."""
+        x = self.upconv0[str(scale)](x)
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if scale > 0:
+            x = torch.cat([x, encoder_features[scale - 1]], dim=1)
+        return self.upconv1[str(scale)](x)
+
+    def head(self, scale: int, x: torch.Tensor) -> torch.Tensor:
+        """Raw head output (no activation) at `scale`."""
+        return self.heads[str(scale)](x)
+
+    def forward(
+        self, encoder_features: Sequence[torch.Tensor]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Plain decoder run: (block outputs for s = 0..4, raw head outputs at head_scales)."""
+        features: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        x = encoder_features[-1]
+        for s in range(NUM_SCALES - 1, -1, -1):
+            x = self.block(s, x, encoder_features)
+            features[s] = x
+            if str(s) in self.heads:
+                outputs[s] = self.head(s, x)
+        return features, outputs

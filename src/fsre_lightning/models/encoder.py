@@ -1,0 +1,249 @@
+"""timm feature encoders with Monodepth2's input normalisation and offline-only weight loading.
+
+`build_encoder` wraps `timm.create_model(name, features_only=True)` and checks that the model
+yields five maps at strides 2, 4, 8, 16, 32 (SPEC section 2: stem after the first ReLU, then
+layer1..layer4 for a ResNet).
+
+Pretrained weights are never downloaded. They come from, in this order:
+
+1. `weights_path`: a local checkpoint of the *classification* model (timm or torchvision key
+   names, `.pth`/`.bin`/`.safetensors`), handed to timm as
+   `pretrained_cfg_overlay=dict(file=...)`;
+2. the local Hugging Face hub cache (`HF_HUB_CACHE` / `HF_HOME`, default
+   `~/.cache/huggingface/hub`) for the model's `hf_hub_id`, probed with `HF_HUB_OFFLINE=1`;
+3. the torch hub cache (`$TORCH_HOME/hub/checkpoints`) for the model's legacy URL.
+
+If none holds the file, `PretrainedWeightsNotFound` says what is missing and how to provide it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+# Monodepth2 / FSRE normalise with one mean and std for every channel (SPEC section 2).
+INPUT_MEAN = 0.45
+INPUT_STD = 0.225
+EXPECTED_REDUCTIONS = (2, 4, 8, 16, 32)
+
+
+class PretrainedWeightsNotFound(RuntimeError):  # noqa: N818 - name given by the API
+    """Pretrained weights were asked for but no local copy exists (nothing is downloaded)."""
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Set HF_HUB_OFFLINE=1 for the duration of a cache probe, then restore the environment."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        return "~/.cache/huggingface/hub"
+
+
+def _find_cached_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, list[str]]:
+    """Look for the model's weights in the local HF hub and torch hub caches, offline.
+
+    Returns the file (or None) and a human-readable list of the places that were probed.
+    """
+    probed: list[str] = []
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if hub_id:
+        repo_id, _, revision = str(hub_id).partition("@")
+        filename = pretrained_cfg.get("hf_hub_filename")
+        filenames = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            with _hf_offline():
+                for name in filenames:
+                    probed.append(f"HF hub cache {_hf_cache_dir()} : {repo_id}/{name}")
+                    found = try_to_load_from_cache(repo_id, name, revision=revision or None)
+                    if isinstance(found, str) and os.path.isfile(found):
+                        return Path(found), probed
+    url = pretrained_cfg.get("url")
+    if url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        probed.append(f"torch hub cache {candidate}")
+        if candidate.is_file():
+            return candidate, probed
+    return None, probed
+
+
+def _not_found(name: str, hub_id: str | None, detail: str) -> PretrainedWeightsNotFound:
+    hint = f" (Hugging Face repo '{hub_id}')" if hub_id else ""
+    return PretrainedWeightsNotFound(
+        f"pretrained=True but no ImageNet weights for encoder '{name}'{hint} are available "
+        f"offline: {detail}. Provide them with weights_path=<local checkpoint of the timm/"
+        f"torchvision classification model>, or place them in the Hugging Face cache "
+        f"({_hf_cache_dir()}, e.g. `hf download {hub_id or '<repo>'}` on a machine "
+        f"with internet, then copy the cache), or set pretrained=False to train from scratch. "
+        f"Nothing is ever downloaded at run time."
+    )
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model with unknown names reported as ValueError naming `encoder`."""
+    if ":" in name:
+        # hf-hub:/local-dir: names make timm fetch configs from the hub; only plain names here.
+        raise ValueError(f"encoder={name!r}: use a timm architecture name such as 'resnet18'")
+    try:
+        return timm.create_model(name, features_only=True, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"encoder={name!r} is not a timm model: {err}") from err
+        raise
+    except TypeError as err:
+        raise ValueError(f"encoder={name!r} cannot be built with features_only: {err}") from err
+
+
+def reset_norm_layers(model: nn.Module) -> nn.Module:
+    """Set every BatchNorm to weight 1, bias 0 (PyTorch's default) and return the model.
+
+    timm zero-initialises the last BN of each residual block (`zero_init_last`), so a randomly
+    initialised timm ResNet starts with all residual branches switched off and their weights get
+    no gradient on the first step. The reference (torchvision ResNet + Monodepth2's init) starts
+    with BN weights at 1; with this reset our random init matches it (timm's convolutions already
+    use kaiming-normal fan_out like the reference).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def create_feature_model(
+    name: str,
+    pretrained: bool = False,
+    weights_path: str | os.PathLike[str] | None = None,
+    in_chans: int = 3,
+) -> nn.Module:
+    """Build a timm `features_only` model, loading ImageNet weights only from local files.
+
+    `in_chans` must be 3 when pretrained (multi-frame inputs are adapted by `build_encoder`).
+    """
+    if not pretrained:
+        if weights_path is not None:
+            _logger.warning("weights_path=%s is ignored because pretrained=False", weights_path)
+        return reset_norm_layers(_create(name, pretrained=False, in_chans=in_chans))
+    if in_chans != 3:
+        raise ValueError(f"in_chans={in_chans}: pretrained weights are loaded for 3 channels")
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise _not_found(name, None, f"weights_path={str(path)!r} does not exist")
+    else:
+        known = get_pretrained_cfg(name)
+        cfg = known.to_dict() if known is not None else {}
+        found, probed = _find_cached_weights(cfg)
+        if found is None:
+            where = "; ".join(probed) if probed else "the model has no known weight source"
+            raise _not_found(name, cfg.get("hf_hub_id"), f"looked in {where}")
+        path = found
+    _logger.info("Loading ImageNet weights for %s from %s", name, path)
+    with _hf_offline():
+        return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+
+
+class FeatureEncoder(nn.Module):
+    """Five-level feature pyramid of a timm model on normalised input.
+
+    `forward(x)` takes B x (3 * num_input_images) x H x W images in [0, 1] and returns the five
+    maps at strides 2..32; `channels` lists their widths.
+    """
+
+    def __init__(self, model: nn.Module, name: str, num_input_images: int = 1) -> None:
+        super().__init__()
+        info = getattr(model, "feature_info", None)
+        if info is None:
+            raise ValueError(f"encoder={name!r} offers no feature_info (timm features_only)")
+        reductions = tuple(int(r) for r in info.reduction())
+        if reductions != EXPECTED_REDUCTIONS:
+            raise ValueError(
+                f"encoder={name!r} gives {len(reductions)} feature levels with reductions "
+                f"{list(reductions)}; FSRE needs five levels with reductions "
+                f"{list(EXPECTED_REDUCTIONS)} (e.g. a timm ResNet)"
+            )
+        self.model = model
+        self.name = name
+        self.num_input_images = num_input_images
+        self.channels: tuple[int, ...] = tuple(int(c) for c in info.channels())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        expected = 3 * self.num_input_images
+        if x.dim() != 4 or x.shape[1] != expected:
+            raise ValueError(f"image must be B x {expected} x H x W, got shape {tuple(x.shape)}")
+        return list(self.model((x - INPUT_MEAN) / INPUT_STD))
+
+
+def _first_conv_key(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv", "conv1")
+    if isinstance(first, (list, tuple)):
+        first = first[0]
+    key = f"{first}.weight"
+    if key not in state_dict:
+        raise ValueError(f"cannot find the first convolution '{key}' to adapt to multi-frame input")
+    return key
+
+
+def duplicate_first_conv(weight: torch.Tensor, num_input_images: int) -> torch.Tensor:
+    """Monodepth2's multi-frame stem: repeat RGB filters per frame and divide by the count.
+
+    The response to N identical frames then equals the pretrained response to one frame.
+    """
+    return torch.cat([weight] * num_input_images, dim=1) / num_input_images
+
+
+def build_encoder(
+    name: str = "resnet18",
+    pretrained: bool = False,
+    weights_path: str | os.PathLike[str] | None = None,
+    num_input_images: int = 1,
+) -> FeatureEncoder:
+    """Feature encoder for FSRE (one image) or the pose network (`num_input_images` frames).
+
+    For several frames the first convolution takes 3 * N channels; pretrained RGB filters are
+    duplicated N times and divided by N (done here, independent of timm's own adaptation).
+    """
+    if num_input_images < 1:
+        raise ValueError(f"num_input_images must be >= 1, got {num_input_images}")
+    if num_input_images == 1:
+        return FeatureEncoder(create_feature_model(name, pretrained, weights_path), name)
+    model = create_feature_model(name, pretrained=False, in_chans=3 * num_input_images)
+    encoder = FeatureEncoder(model, name, num_input_images)
+    if pretrained:
+        rgb = create_feature_model(name, True, weights_path)
+        state = rgb.state_dict()
+        key = _first_conv_key(model, state)
+        state[key] = duplicate_first_conv(state[key], num_input_images)
+        model.load_state_dict(state)
+    return encoder

@@ -1,0 +1,157 @@
+"""FSRENetwork: shared encoder, depth and segmentation decoders, CMA between them (SPEC 1-3).
+
+Variants (SPEC section 8 rows):
+
+- `segmentation=False, cma_scales=()`: Monodepth2 baseline (encoder + depth decoder).
+- `cma_scales=()`: "+ L_CE" (shared encoder, two plain decoders).
+- default: full FSRE-Depth, CMA after decoder blocks s = 4, 3, 2 (paper l = 0, 1, 2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fsre_lightning.models.cma import ATTENTION_SCALES, CrossTaskAttention
+from fsre_lightning.models.decoder import DECODER_CHANNELS, NUM_SCALES, MonodepthDecoder
+from fsre_lightning.models.encoder import build_encoder
+
+CMA_TARGETS = ("depth", "seg")
+# Five stride-2 stages: H and W must be divisible by 2^5 for the skips to line up.
+SIZE_DIVISOR = 32
+
+
+def _scales(name: str, values: Sequence[int], allow_empty: bool) -> tuple[int, ...]:
+    """Validate a tuple of decoder scales (0..4, unique)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a sequence of ints in 0..4, got {values!r}")
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must hold integers in 0..4, got {list(values)}") from err
+    if any(v != raw for v, raw in zip(out, values, strict=True)):
+        raise ValueError(f"{name} must hold integers in 0..4, got {list(values)}")
+    if not allow_empty and not out:
+        raise ValueError(f"{name} must not be empty")
+    if any(not 0 <= v < NUM_SCALES for v in out):
+        raise ValueError(f"{name} entries must be in 0..4, got {list(values)}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} entries must be unique, got {list(values)}")
+    return out
+
+
+class FSRENetwork(nn.Module):
+    """Depth (and semantics) network of FSRE-Depth.
+
+    `forward(image)` with image B x 3 x H x W in [0, 1] (H, W divisible by 32) returns:
+
+    - "disp": {s: sigmoid disparity B x 1 x H/2^s x W/2^s for s in disp_scales}
+    - "seg_logits": B x num_classes x H x W (only when `segmentation=True`)
+    - "depth_features": {s: depth decoder output of block s, after CMA where CMA sits}, s = 0..4
+
+    CMA at scale s runs after block s of both decoders; both directions read the pre-CMA
+    features of both decoders (as the reference code does) and their outputs replace the
+    decoder features. `cma_depth[str(s)]` refines depth (segmentation as reference),
+    `cma_seg[str(s)]` refines segmentation.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "resnet18",
+        pretrained: bool = False,
+        num_classes: int = 19,
+        disp_scales: Sequence[int] = (0, 1, 2, 3),
+        cma_scales: Sequence[int] = (4, 3, 2),
+        num_heads: int = 4,
+        head_ratio: float = 2.0,
+        cma_targets: Sequence[str] = ("depth", "seg"),
+        attention_scale: str = "paper",
+        segmentation: bool = True,
+        weights_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        disp = _scales("disp_scales", disp_scales, allow_empty=False)
+        cma = _scales("cma_scales", cma_scales, allow_empty=True)
+        if isinstance(cma_targets, str):
+            cma_targets = (cma_targets,)
+        targets = tuple(cma_targets)
+        if not set(targets) <= set(CMA_TARGETS) or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"cma_targets must be unique entries of {CMA_TARGETS}, got {list(targets)}"
+            )
+        if cma and not targets:
+            raise ValueError(f"cma_targets must not be empty when cma_scales={list(cma)}")
+        if int(num_heads) != num_heads or num_heads < 1:
+            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads}")
+        if not head_ratio > 0:
+            raise ValueError(f"head_ratio must be > 0, got {head_ratio}")
+        if attention_scale not in ATTENTION_SCALES:
+            raise ValueError(
+                f"attention_scale must be one of {ATTENTION_SCALES}, got {attention_scale!r}"
+            )
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes}")
+        if not segmentation and cma:
+            raise ValueError(
+                f"cma_scales={list(cma)} needs the segmentation decoder: use cma_scales=() "
+                "with segmentation=False"
+            )
+
+        self.disp_scales = tuple(sorted(disp))
+        self.cma_scales = tuple(sorted(cma, reverse=True))
+        self.cma_targets = targets if cma else ()
+        self.num_classes = int(num_classes)
+        self.segmentation = bool(segmentation)
+
+        self.encoder = build_encoder(encoder, pretrained=pretrained, weights_path=weights_path)
+        enc_ch = self.encoder.channels
+        self.depth_decoder = MonodepthDecoder(enc_ch, 1, self.disp_scales)
+        self.seg_decoder: MonodepthDecoder | None = (
+            MonodepthDecoder(enc_ch, self.num_classes, (0,)) if segmentation else None
+        )
+
+        def make(s: int) -> CrossTaskAttention:
+            return CrossTaskAttention(
+                DECODER_CHANNELS[s], int(num_heads), head_ratio, attention_scale
+            )
+
+        self.cma_depth = nn.ModuleDict(
+            {str(s): make(s) for s in self.cma_scales if "depth" in self.cma_targets}
+        )
+        self.cma_seg = nn.ModuleDict(
+            {str(s): make(s) for s in self.cma_scales if "seg" in self.cma_targets}
+        )
+
+    def forward(self, image: torch.Tensor) -> dict[str, Any]:
+        """Disparities, segmentation logits and depth decoder features (see class doc)."""
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be B x 3 x H x W, got shape {tuple(image.shape)}")
+        h, w = image.shape[-2:]
+        if h % SIZE_DIVISOR or w % SIZE_DIVISOR:
+            raise ValueError(
+                f"image height and width must be divisible by {SIZE_DIVISOR}, got {h} x {w}"
+            )
+        feats = self.encoder(image)
+        x_d = feats[-1]
+        x_s = feats[-1]
+        disp: dict[int, torch.Tensor] = {}
+        depth_features: dict[int, torch.Tensor] = {}
+        for s in range(NUM_SCALES - 1, -1, -1):
+            x_d = self.depth_decoder.block(s, x_d, feats)
+            if self.seg_decoder is not None:
+                x_s = self.seg_decoder.block(s, x_s, feats)
+                key = str(s)
+                new_d = self.cma_depth[key](x_d, x_s) if key in self.cma_depth else x_d
+                new_s = self.cma_seg[key](x_s, x_d) if key in self.cma_seg else x_s
+                x_d, x_s = new_d, new_s
+            depth_features[s] = x_d
+            if s in self.disp_scales:
+                disp[s] = torch.sigmoid(self.depth_decoder.head(s, x_d))
+        out: dict[str, Any] = {"disp": disp, "depth_features": depth_features}
+        if self.seg_decoder is not None:
+            out["seg_logits"] = self.seg_decoder.head(0, x_s)
+        return out

@@ -1,0 +1,484 @@
+"""Tests of the networks: shapes, parameter counts vs the reference code, CMA maths, pose
+convention, pretrained-weight loading (offline only) and argument validation."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from fsre_lightning.geometry import transformation_from_parameters
+from fsre_lightning.models import (
+    CrossTaskAttention,
+    FSRENetwork,
+    PoseNetwork,
+    PretrainedWeightsNotFound,
+    build_encoder,
+)
+from fsre_lightning.models.decoder import DECODER_CHANNELS
+
+H_IMG, W_IMG = 64, 192
+
+# Reference parameter counts, obtained once from hyBlue/FSRE-Depth (HEAD of the mirror):
+# networks/{resnet_encoder,cma,depth_decoder,seg_decoder,multi_embedding,pose_decoder}.py and
+# utils/depth_utils.py exported to a scratch folder outside this repository, the torchvision
+# ResNets built without weights, CMA options scales=[0,1,2,3], cma_layers=[3,2,1], num_head=4,
+# head_ratio=2, sgt=True; counted as sum(p.numel() for p in module.parameters()).
+# - full R18 = ResnetEncoder(18) + CMA(...)                        -> 25_762_079
+# - "+ L_CE" R18 = ResnetEncoder(18) + DepthDecoder + SegDecoder  -> 17_995_551
+# - Monodepth2 R18 = ResnetEncoder(18) + DepthDecoder             -> 14_842_236
+# - full R50 = ResnetEncoder(50) + CMA(...)                        -> 51_352_351
+# - pose = ResnetEncoder(18, num_input_images=2) + PoseDecoder     -> 13_011_950
+# The reference's torchvision encoders carry an `fc` classifier that forward never uses
+# (R18: 512 * 1000 + 1000 = 513_000; R50: 2048 * 1000 + 1000 = 2_049_000). Our timm
+# features_only encoders have none, so we compare against the counts minus that fc.
+REF_FC_R18 = 513_000
+REF_FC_R50 = 2_049_000
+REFERENCE_COUNTS = {
+    "full_r18": 25_762_079 - REF_FC_R18,  # 25_249_079
+    "lce_r18": 17_995_551 - REF_FC_R18,  # 17_482_551
+    "md2_r18": 14_842_236 - REF_FC_R18,  # 14_329_236
+    "full_r50": 51_352_351 - REF_FC_R50,  # 49_303_351
+    "pose": 13_011_950 - REF_FC_R18,  # 12_498_950
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection (e.g. a weight download) fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted during a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def net() -> FSRENetwork:
+    torch.manual_seed(0)
+    return FSRENetwork().eval()
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _image(batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 3, H_IMG, W_IMG, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- FSRENetwork
+
+
+def test_output_shapes(net: FSRENetwork) -> None:
+    with torch.no_grad():
+        out = net(_image(2))
+    assert sorted(out["disp"]) == [0, 1, 2, 3]
+    for s, disp in out["disp"].items():
+        assert disp.shape == (2, 1, H_IMG // 2**s, W_IMG // 2**s)
+        assert disp.min() >= 0 and disp.max() <= 1
+    assert out["seg_logits"].shape == (2, 19, H_IMG, W_IMG)
+    assert sorted(out["depth_features"]) == [0, 1, 2, 3, 4]
+    for s, feat in out["depth_features"].items():
+        assert feat.shape == (2, DECODER_CHANNELS[s], H_IMG // 2**s, W_IMG // 2**s)
+    assert [DECODER_CHANNELS[s] for s in range(5)] == [16, 32, 64, 128, 256]
+    assert sorted(net.cma_depth) == ["2", "3", "4"] and sorted(net.cma_seg) == ["2", "3", "4"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reference"),
+    [
+        ({}, "full_r18"),
+        ({"cma_scales": ()}, "lce_r18"),
+        ({"cma_scales": (), "segmentation": False}, "md2_r18"),
+        ({"encoder": "resnet50"}, "full_r50"),
+    ],
+)
+def test_parameter_counts_match_reference(kwargs: dict, reference: str) -> None:
+    ours = _count(FSRENetwork(**kwargs))
+    assert abs(ours - REFERENCE_COUNTS[reference]) <= 0.005 * REFERENCE_COUNTS[reference]
+
+
+def test_pose_parameter_count_matches_reference() -> None:
+    ours = _count(PoseNetwork())
+    assert abs(ours - REFERENCE_COUNTS["pose"]) <= 0.005 * REFERENCE_COUNTS["pose"]
+
+
+def test_no_cma_is_two_plain_decoders() -> None:
+    torch.manual_seed(0)
+    model = FSRENetwork(cma_scales=()).eval()
+    assert len(model.cma_depth) == 0 and len(model.cma_seg) == 0
+    assert not any(isinstance(m, CrossTaskAttention) for m in model.modules())
+    assert _count(model) == sum(
+        _count(m) for m in (model.encoder, model.depth_decoder, model.seg_decoder)
+    )
+    image = _image(1)
+    with torch.no_grad():
+        out = model(image)
+        feats = model.encoder(image)
+        depth_feats, depth_heads = model.depth_decoder(feats)
+        _, seg_heads = model.seg_decoder(feats)
+    for s in range(5):
+        torch.testing.assert_close(out["depth_features"][s], depth_feats[s], rtol=0, atol=0)
+    for s in (0, 1, 2, 3):
+        torch.testing.assert_close(out["disp"][s], torch.sigmoid(depth_heads[s]), rtol=0, atol=0)
+    torch.testing.assert_close(out["seg_logits"], seg_heads[0], rtol=0, atol=0)
+
+
+def test_segmentation_false_is_monodepth2() -> None:
+    model = FSRENetwork(segmentation=False, cma_scales=(), disp_scales=(0,))
+    assert model.seg_decoder is None
+    with torch.no_grad():
+        out = model(_image(1))
+    assert "seg_logits" not in out and sorted(out["disp"]) == [0]
+    with pytest.raises(ValueError, match="cma_scales"):
+        FSRENetwork(segmentation=False)
+
+
+@pytest.mark.parametrize("target", ["depth", "seg"])
+def test_single_cma_direction_changes_only_its_target(target: str) -> None:
+    torch.manual_seed(0)
+    one_way = FSRENetwork(cma_targets=(target,)).eval()
+    plain = FSRENetwork(cma_scales=()).eval()
+    missing, unexpected = plain.load_state_dict(one_way.state_dict(), strict=False)
+    assert not missing and all(k.startswith(f"cma_{target}.") for k in unexpected)
+    assert len(one_way.cma_depth if target == "seg" else one_way.cma_seg) == 0
+    image = _image(1)
+    with torch.no_grad():
+        a, b = one_way(image), plain(image)
+    depth_same = all(torch.equal(a["depth_features"][s], b["depth_features"][s]) for s in range(5))
+    seg_same = torch.equal(a["seg_logits"], b["seg_logits"])
+    if target == "depth":
+        assert seg_same and not depth_same
+        # Blocks above the first CMA (s = 4 is the first) are all changed; nothing before.
+        assert not torch.equal(a["depth_features"][4], b["depth_features"][4])
+    else:
+        assert depth_same and not seg_same
+
+
+def test_cma_directions_read_pre_cma_features(net: FSRENetwork) -> None:
+    """Both CMA directions at one scale see the other decoder's features before fusion."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [
+        net.cma_depth["4"].register_forward_hook(
+            lambda m, args, out: seen.__setitem__("depth", (args[0], args[1]))
+        ),
+        net.cma_seg["4"].register_forward_hook(
+            lambda m, args, out: seen.__setitem__("seg", (args[0], args[1]))
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            net(_image(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    depth_t, seg_r = seen["depth"]
+    seg_t, depth_r = seen["seg"]
+    assert torch.equal(depth_t, depth_r) and torch.equal(seg_t, seg_r)
+
+
+# ----------------------------------------------------------------------------- CMA
+
+
+def _randomise_bn(cma: CrossTaskAttention) -> None:
+    bn = cma.project[1]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+        bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+
+
+def _conv1x1(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    out = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x)
+    return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
+
+
+def _hand_cma(
+    cma: CrossTaskAttention, target: torch.Tensor, reference: torch.Tensor, divisor: float
+) -> torch.Tensor:
+    """SPEC section 3 written out: q from the reference, k and v from the target, head-major."""
+    num_heads, emb = cma.num_heads, cma.embed_channels
+    q_all = _conv1x1(cma.query, reference)
+    k_all = _conv1x1(cma.key, target)
+    v_all = _conv1x1(cma.value, target)
+    # channel h * C' + c belongs to embedding h
+    q = [q_all[:, h * emb : (h + 1) * emb] for h in range(num_heads)]
+    k = [k_all[:, h * emb : (h + 1) * emb] for h in range(num_heads)]
+    v = [v_all[:, h * emb : (h + 1) * emb] for h in range(num_heads)]
+    scores = torch.stack(
+        [torch.einsum("bchw,bchw->bhw", k[h], q[h]) / divisor for h in range(num_heads)], dim=1
+    )
+    rho = scores.softmax(dim=1) if num_heads > 1 else scores
+    mixed = sum(rho[:, h : h + 1] * v[h] for h in range(num_heads))
+    bn = cma.project[1]
+    projected = torch.einsum("oc,bchw->bohw", cma.project[0].weight[:, :, 0, 0], mixed)
+    projected = (projected - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        bn.running_var.view(1, -1, 1, 1) + bn.eps
+    ) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    conv3 = cma.fuse[0].conv[1]
+    cat = torch.cat([target, projected], dim=1)
+    hidden = F.elu(F.conv2d(F.pad(cat, (1, 1, 1, 1), mode="reflect"), conv3.weight, conv3.bias))
+    return _conv1x1(cma.fuse[1], hidden)
+
+
+@pytest.mark.parametrize("scale", ["paper", "reference"])
+def test_cma_matches_hand_computation_h4(scale: str) -> None:
+    torch.manual_seed(0)
+    channels, heads = 8, 4
+    cma = CrossTaskAttention(channels, num_heads=heads, ratio=2.0, scale=scale).eval()
+    _randomise_bn(cma)
+    assert cma.embed_channels == 16
+    target, reference = torch.randn(2, channels, 5, 7), torch.randn(2, channels, 5, 7)
+    divisor = math.sqrt(16) if scale == "paper" else math.sqrt(heads * 16)
+    with torch.no_grad():
+        got = cma(target, reference)
+        want = _hand_cma(cma, target, reference, divisor)
+        swapped = cma(reference, target)
+    assert got.shape == target.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, swapped)  # q and k come from different inputs
+
+
+def test_cma_scale_options_differ() -> None:
+    torch.manual_seed(0)
+    paper = CrossTaskAttention(8, num_heads=4, scale="paper").eval()
+    ref = CrossTaskAttention(8, num_heads=4, scale="reference").eval()
+    ref.load_state_dict(paper.state_dict())
+    x, y = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        assert not torch.allclose(paper(x, y), ref(x, y))
+
+
+def test_cma_single_head_has_no_softmax() -> None:
+    torch.manual_seed(0)
+    one = CrossTaskAttention(8, num_heads=1, ratio=2.0).eval()
+    four = CrossTaskAttention(8, num_heads=4, ratio=2.0).eval()
+    assert one.query.out_channels == 16 and four.query.out_channels == 64
+    _randomise_bn(one)
+    target, reference = torch.randn(2, 8, 4, 6), torch.randn(2, 8, 4, 6)
+    with torch.no_grad():
+        got_one, got_four = one(target, reference), four(target, reference)
+        want = _hand_cma(one, target, reference, math.sqrt(16))
+        # With one head a softmax would give weight 1 everywhere; the raw score is used instead.
+        mixed = one.attention(target, reference)
+        v = _conv1x1(one.value, target)
+        q, k = _conv1x1(one.query, reference), _conv1x1(one.key, target)
+        score = (q * k).sum(1, keepdim=True) / 4.0
+    assert got_one.shape == got_four.shape == target.shape
+    torch.testing.assert_close(got_one, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, score * v, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed, v)
+
+
+def test_cma_validation() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        CrossTaskAttention(8, scale="sqrt")
+    with pytest.raises(ValueError, match="num_heads"):
+        CrossTaskAttention(8, num_heads=0)
+    with pytest.raises(ValueError, match="ratio"):
+        CrossTaskAttention(8, ratio=0)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"attention_scale": "sqrt"}, "attention_scale"),
+        ({"cma_scales": (5, 4)}, "cma_scales"),
+        ({"cma_scales": (-1,)}, "cma_scales"),
+        ({"cma_scales": (4, 4)}, "cma_scales"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"head_ratio": 0.0}, "head_ratio"),
+        ({"cma_targets": ("depth", "normals")}, "cma_targets"),
+        ({"cma_targets": ()}, "cma_targets"),
+        ({"disp_scales": (0, 5)}, "disp_scales"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"encoder": "convnext_atto"}, "encoder"),  # four feature levels (strides 4..32)
+        ({"encoder": "no_such_model"}, "encoder"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        FSRENetwork(**kwargs)
+
+
+def test_bad_images(net: FSRENetwork) -> None:
+    with pytest.raises(ValueError, match="image"):
+        net(torch.rand(3, H_IMG, W_IMG))
+    with pytest.raises(ValueError, match="image"):
+        net(torch.rand(1, 3, H_IMG + 16, W_IMG))
+    with pytest.raises(ValueError, match="image"):
+        net(torch.rand(1, 3, H_IMG, W_IMG + 8))
+
+
+def test_encoder_normalises_input() -> None:
+    encoder = build_encoder("resnet18").eval()
+    image = _image(1)
+    with torch.no_grad():
+        ours = encoder(image)
+        raw = encoder.model((image - 0.45) / 0.225)
+    assert encoder.channels == (64, 64, 128, 256, 512)
+    for a, b in zip(ours, raw, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- pose
+
+
+def test_pose_shapes() -> None:
+    pose = PoseNetwork().eval()
+    with torch.no_grad():
+        axisangle, translation = pose(_image(2), _image(2))
+        T = pose.transform(_image(2), _image(2), 1)
+    assert axisangle.shape == (2, 3) and translation.shape == (2, 3)
+    assert T.shape == (2, 4, 4)
+    assert pose.encoder.model.conv1.weight.shape[1] == 6
+
+
+@pytest.mark.parametrize("source_id", [-1, 1])
+def test_pose_transform_direction(monkeypatch: pytest.MonkeyPatch, source_id: int) -> None:
+    pose = PoseNetwork()
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    axisangle = torch.tensor([[0.1, -0.2, 0.3]])
+    translation = torch.tensor([[0.5, 0.1, -0.4]])
+
+    def fake_forward(frame_a: torch.Tensor, frame_b: torch.Tensor):
+        calls.append((frame_a, frame_b))
+        return axisangle, translation
+
+    monkeypatch.setattr(pose, "forward", fake_forward)
+    target, source = torch.zeros(1, 3, H_IMG, W_IMG), torch.ones(1, 3, H_IMG, W_IMG)
+    T = pose.transform(target, source, source_id)
+    M = transformation_from_parameters(axisangle, translation, invert=False)
+    ((first, second),) = calls
+    if source_id < 0:
+        assert first is source and second is target
+        torch.testing.assert_close(T, torch.linalg.inv(M), rtol=1e-5, atol=1e-6)
+    else:
+        assert first is target and second is source
+        torch.testing.assert_close(T, M)
+    with pytest.raises(ValueError, match="source_id"):
+        pose.transform(target, source, 0)
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+
+@pytest.fixture
+def random_resnet18_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A randomly initialised timm ResNet-18 *classification* checkpoint on disk."""
+    torch.manual_seed(7)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    path = tmp_path / "resnet18_random.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def _assert_loaded(model_state: dict, saved: dict, skip: tuple[str, ...] = ()) -> None:
+    assert set(model_state) == {k for k in saved if not k.startswith("fc.")}
+    for key, value in model_state.items():
+        if key not in skip:
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+
+def test_encoder_loads_weights_from_file(random_resnet18_checkpoint) -> None:
+    path, saved = random_resnet18_checkpoint
+    encoder = build_encoder("resnet18", pretrained=True, weights_path=path)
+    _assert_loaded(encoder.model.state_dict(), saved)
+    model = FSRENetwork(pretrained=True, weights_path=path)
+    _assert_loaded(model.encoder.model.state_dict(), saved)
+
+
+def test_pose_pretrained_duplicates_and_halves_conv1(random_resnet18_checkpoint) -> None:
+    path, saved = random_resnet18_checkpoint
+    pose = PoseNetwork(pretrained=True, weights_path=path)
+    state = pose.encoder.model.state_dict()
+    w = saved["conv1.weight"]
+    torch.testing.assert_close(state["conv1.weight"], torch.cat([w, w], dim=1) / 2, rtol=0, atol=0)
+    _assert_loaded(state, saved, skip=("conv1.weight",))
+    # Two identical frames then give the pretrained stem response to one frame.
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(
+        F.conv2d(torch.cat([x, x], 1), state["conv1.weight"], stride=2, padding=3),
+        F.conv2d(x, w, stride=2, padding=3),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(PretrainedWeightsNotFound, match=r"nope\.pth") as info:
+        FSRENetwork(pretrained=True, weights_path=missing)
+    assert "pretrained=False" in str(info.value)
+    with pytest.raises(PretrainedWeightsNotFound):
+        PoseNetwork(pretrained=True, weights_path=missing)
+
+
+def _empty_caches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    from huggingface_hub import constants
+
+    hf_cache = tmp_path / "hf"
+    hf_cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return hf_cache
+
+
+def test_no_cached_weights_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
+    hf_cache = _empty_caches(monkeypatch, tmp_path)
+    with pytest.raises(PretrainedWeightsNotFound) as info:
+        build_encoder("resnet18", pretrained=True)
+    message = str(info.value)
+    assert "timm/resnet18" in message and str(hf_cache) in message
+    assert "weights_path" in message and "pretrained=False" in message
+    assert "HF_HUB_OFFLINE" not in os.environ  # the probe restores the environment
+
+
+def test_weights_found_in_hf_cache(monkeypatch, tmp_path: Path, random_resnet18_checkpoint) -> None:
+    from safetensors.torch import save_file
+
+    _, saved = random_resnet18_checkpoint
+    hf_cache = _empty_caches(monkeypatch, tmp_path)
+    repo = hf_cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(snapshot / "model.safetensors"))
+    encoder = build_encoder("resnet18", pretrained=True)
+    _assert_loaded(encoder.model.state_dict(), saved)
+
+
+def test_weights_found_in_torch_hub_cache(monkeypatch, tmp_path: Path, random_resnet18_checkpoint):
+    _, saved = random_resnet18_checkpoint
+    _empty_caches(monkeypatch, tmp_path)
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(saved, checkpoints / "resnet18-f37072fd.pth")  # torchvision's file name
+    encoder = build_encoder("resnet18.tv_in1k", pretrained=True)
+    _assert_loaded(encoder.model.state_dict(), saved)
+
+
+def test_random_init_has_no_zero_initialised_residual_branches() -> None:
+    """timm's zero_init_last is undone: every encoder weight gets a gradient on step one."""
+    encoder = build_encoder("resnet18")
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.all(bn.weight == 1) and torch.all(bn.bias == 0) for bn in bns)
+    loss = sum(f.square().mean() for f in encoder(_image(1)))
+    loss.backward()
+    no_grad = [n for n, p in encoder.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not no_grad
