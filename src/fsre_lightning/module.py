@@ -1,0 +1,204 @@
+"""FSREModule: the LightningModule that wires networks, losses, metrics and logging together.
+
+The maths lives elsewhere (models/, geometry, losses/, objective, metrics); this class only
+orchestrates one step and what is logged. The batch layout is the one documented in
+`fsre_lightning.data.kitti`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fsre_lightning.geometry import disp_to_depth
+from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
+from fsre_lightning.objective import LossConfig, compute_losses
+from fsre_lightning.visualize import (
+    colorize_disparity,
+    colorize_error,
+    colorize_segmentation,
+    log_image,
+    make_panel,
+)
+
+
+def _plain(cfg: Any) -> Any:
+    """Config nodes as plain containers, so hyper-parameters pickle and print cleanly."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+class FSREModule(pl.LightningModule):
+    """Self-supervised depth with semantics: FSRENetwork + PoseNetwork trained with SPEC's loss.
+
+    `network` and `pose_network` are Hydra configs (with `_target_`) so that a checkpoint alone
+    rebuilds the model: `FSREModule.load_from_checkpoint(path)`.
+    """
+
+    def __init__(
+        self,
+        network: Mapping[str, Any],
+        pose_network: Mapping[str, Any],
+        loss: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        frame_ids: Sequence[int] = (0, -1, 1),
+        image_log_every_n_steps: int = 250,
+        num_panel_images: int = 2,
+    ) -> None:
+        super().__init__()
+        network, pose_network = _plain(network), _plain(pose_network)
+        loss, optimizer, scheduler = _plain(loss) or {}, _plain(optimizer), _plain(scheduler)
+        self.save_hyperparameters(
+            {
+                "network": network,
+                "pose_network": pose_network,
+                "loss": loss,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "frame_ids": list(frame_ids),
+                "image_log_every_n_steps": image_log_every_n_steps,
+                "num_panel_images": num_panel_images,
+            }
+        )
+        self.net = hydra.utils.instantiate(network)
+        self.pose_net = hydra.utils.instantiate(pose_network)
+        self.loss_cfg = LossConfig(**loss)
+        self.frame_ids = [int(f) for f in frame_ids]
+        self.optimizer_cfg = {"lr": 1.5e-4, **(optimizer or {})}
+        self.scheduler_cfg = {"milestones": [10, 15], "gamma": 0.1, **(scheduler or {})}
+        self.image_log_every_n_steps = image_log_every_n_steps
+        self.num_panel_images = num_panel_images
+        self.has_segmentation = getattr(self.net, "seg_decoder", None) is not None
+        self.val_depth = DepthMetrics()
+        self.val_miou = SegmentationIoU()
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, image: torch.Tensor) -> dict[str, Any]:
+        return self.net(image)
+
+    def _transforms(self, frames_aug: torch.Tensor) -> list[torch.Tensor]:
+        target = frames_aug[:, 0]
+        return [
+            self.pose_net.transform(target, frames_aug[:, i], frame_id)
+            for i, frame_id in enumerate(self.frame_ids[1:], start=1)
+        ]
+
+    def _step(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        frames = batch["frames"]
+        frames_aug = batch.get("frames_aug", frames)
+        if frames.shape[1] != len(self.frame_ids):
+            raise ValueError(
+                f"batch has {frames.shape[1]} frames per sample but model.frame_ids is "
+                f"{self.frame_ids}: set data.frame_ids and model.frame_ids alike"
+            )
+        outputs = self.net(frames_aug[:, 0])
+        losses = compute_losses(
+            outputs,
+            frames,
+            batch["K"],
+            batch["inv_K"],
+            self._transforms(frames_aug),
+            batch.get("labels"),
+            self.loss_cfg,
+        )
+        return outputs, losses
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs, losses = self._step(batch)
+        batch_size = batch["frames"].shape[0]
+        for name, value in losses.items():
+            if value.dim() == 0:
+                self.log(f"train/{name}", value, prog_bar=name == "total", batch_size=batch_size)
+        if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
+            self._log_panel("train/panel", batch, outputs, losses.get("automask"))
+        return losses["total"]
+
+    def on_validation_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self.val_depth.crop = getattr(dm, "eval_crop", "none")
+        self.val_depth.min_depth = getattr(dm, "min_depth_eval", 1e-3)
+        self.val_depth.max_depth = getattr(dm, "max_depth_eval", 80.0)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        outputs, losses = self._step(batch)
+        batch_size = batch["frames"].shape[0]
+        self.log("val/loss", losses["total"], batch_size=batch_size, sync_dist=True)
+        scaled_disp, _ = disp_to_depth(
+            outputs["disp"][0], self.loss_cfg.min_depth, self.loss_cfg.max_depth
+        )
+        if "depth_gt" in batch:
+            self.val_depth.update(scaled_disp, batch["depth_gt"], batch.get("gt_size"))
+        if self.has_segmentation and "labels" in batch:
+            self.val_miou.update(outputs["seg_logits"].argmax(1), batch["labels"])
+        if batch_idx == 0:
+            error = self._error_map(scaled_disp, batch) if "depth_gt" in batch else None
+            self._log_panel("val/panel", batch, outputs, error)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_depth.compute()
+        for key, value in metrics.items():
+            self.log(f"val/{key}", value.float(), prog_bar=key == "abs_rel")
+        if self.has_segmentation and self.val_miou.update_count > 0:
+            self.log("val/miou", self.val_miou.compute())
+        self.val_depth.reset()
+        self.val_miou.reset()
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameters(), **self.optimizer_cfg)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **self.scheduler_cfg)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": "epoch"}}
+
+    # ---------------------------------------------------------------- logging
+    def _error_map(self, scaled_disp: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """|gt - pred| / gt at ground-truth pixels, median-scaled, at the network resolution."""
+        gt = batch["depth_gt"]
+        size = scaled_disp.shape[-2:]
+        gt_small = torch.nn.functional.interpolate(gt, size=size, mode="nearest")
+        pred = 1.0 / scaled_disp
+        valid = gt_small > 0
+        error = torch.zeros_like(pred)
+        for i in range(pred.shape[0]):
+            if valid[i].any():
+                ratio = gt_small[i][valid[i]].median() / pred[i][valid[i]].median()
+                rel = (gt_small[i] - pred[i] * ratio).abs() / gt_small[i].clamp_min(1e-3)
+                error[i] = rel * valid[i]
+        return colorize_error(error, vmax=0.5)
+
+    def _log_panel(
+        self,
+        key: str,
+        batch: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+        extra: torch.Tensor | None,
+    ) -> None:
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return
+        n = self.num_panel_images
+        rows = [batch["frames"][:n, 0], colorize_disparity(outputs["disp"][0][:n])]
+        if "seg_logits" in outputs:
+            rows.append(colorize_segmentation(outputs["seg_logits"][:n].argmax(1)))
+        if extra is not None:
+            rows.append(extra[:n].float().expand(-1, 3, -1, -1) if extra.shape[1] == 1
+                        else extra[:n])
+        log_dir = Path(self.trainer.default_root_dir) / "images"
+        log_image(self.logger, key, make_panel(rows), self.global_step, log_dir)
+
+
+def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The seven depth metrics (plus mIoU when present) as floats, keyed like SPEC section 6."""
+    out = {}
+    for key in (*DEPTH_METRIC_KEYS, "miou"):
+        value = metrics.get(f"val/{key}", metrics.get(key))
+        if value is not None:
+            out[key] = float(value)
+    return out

@@ -1,0 +1,163 @@
+"""SPEC's total loss, assembled from the pure loss functions in `fsre_lightning.losses`.
+
+Total = L_ph + beta * L_sm + gamma * L_CE + delta * sum_s L_SGT(s)   (SPEC section 4)
+
+Scale weighting (SPEC leaves the choice to us; both are options, `reference` is the default
+because it is what produced the paper's table):
+- ``reference``: the FSRE-Depth code. Photometric and smoothness terms of scale s are divided
+  by 2**s and summed over scales; each SGT layer's term is divided by 2**s too.
+- ``monodepth2``: photometric terms are averaged over scales, smoothness of scale s is weighted
+  by 1 / 2**s inside that average; SGT terms are summed unweighted (the paper's equation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fsre_lightning.geometry import disp_to_depth, warp
+from fsre_lightning.losses import (
+    min_reprojection_loss,
+    photometric_loss,
+    resize_labels,
+    segmentation_loss,
+    sgt_loss,
+    smoothness_loss,
+)
+
+SCALE_WEIGHTINGS = ("reference", "monodepth2")
+
+
+@dataclass
+class LossConfig:
+    """Every knob of SPEC section 4, with the paper's values as defaults."""
+
+    alpha: float = 0.85
+    smoothness_weight: float = 1e-3
+    segmentation_weight: float = 0.3
+    sgt_weight: float = 0.1
+    sgt_scales: Sequence[int] = field(default_factory=lambda: (3, 2, 1))
+    sgt_kernel_size: int = 5
+    sgt_margin: float = 0.3
+    sgt_threshold: int | None = None
+    scale_weighting: str = "reference"
+    automask: bool = True
+    identity_noise: float = 1e-5
+    min_depth: float = 0.1
+    max_depth: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.scale_weighting not in SCALE_WEIGHTINGS:
+            raise ValueError(
+                f"loss.scale_weighting must be one of {SCALE_WEIGHTINGS}, "
+                f"got {self.scale_weighting!r}"
+            )
+        self.sgt_scales = tuple(int(s) for s in self.sgt_scales)
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.segmentation_weight > 0 or (self.sgt_weight > 0 and len(self.sgt_scales) > 0)
+
+
+def upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize, the identity when already at `size` (SPEC: disparity to full size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def downsample_image(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """Box-average the image to 1 / 2**scale (the colour image that guides smoothness)."""
+    if scale == 0:
+        return image
+    return F.avg_pool2d(image, kernel_size=2**scale)
+
+
+def compute_losses(
+    outputs: Mapping[str, Mapping[int, torch.Tensor] | torch.Tensor],
+    frames: torch.Tensor,
+    K: torch.Tensor,
+    inv_K: torch.Tensor,
+    transforms: Sequence[torch.Tensor],
+    labels: torch.Tensor | None,
+    cfg: LossConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """All loss terms of one batch.
+
+    `frames` is B x F x 3 x H x W (un-augmented, frame 0 first); `transforms[i]` maps frame-0
+    camera points into the camera of frame i + 1. Returns the weighted total under "total",
+    the unweighted terms under their names, and the auto-mask of scale 0 under "automask".
+    """
+    target = frames[:, 0]
+    sources = [frames[:, i] for i in range(1, frames.shape[1])]
+    size = tuple(target.shape[-2:])
+    disps: Mapping[int, torch.Tensor] = outputs["disp"]  # type: ignore[assignment]
+    scales = sorted(disps)
+
+    # The unwarped sources do not depend on the scale: one identity loss map per source.
+    identity = (
+        [photometric_loss(src, target, cfg.alpha) for src in sources] if cfg.automask else None
+    )
+
+    photometric_terms, smooth_terms = [], []
+    automask = None
+    for s in scales:
+        disp = disps[s]
+        _, depth = disp_to_depth(upsample_to(disp, size), cfg.min_depth, cfg.max_depth)
+        reprojection = [
+            photometric_loss(warp(src, depth, T, K, inv_K), target, cfg.alpha)
+            for src, T in zip(sources, transforms, strict=True)
+        ]
+        loss_s, mask_s = min_reprojection_loss(
+            reprojection, identity, noise_std=cfg.identity_noise, generator=generator
+        )
+        if s == scales[0]:
+            automask = mask_s
+        photometric_terms.append(loss_s)
+        smooth_terms.append(smoothness_loss(disp, downsample_image(target, s)))
+
+    if cfg.scale_weighting == "reference":
+        photometric = sum(t / 2**s for t, s in zip(photometric_terms, scales, strict=True))
+        smoothness = sum(t / 2**s for t, s in zip(smooth_terms, scales, strict=True))
+    else:
+        photometric = torch.stack(photometric_terms).mean()
+        smoothness = torch.stack(
+            [t / 2**s for t, s in zip(smooth_terms, scales, strict=True)]
+        ).mean()
+
+    losses: dict[str, torch.Tensor] = {"photometric": photometric, "smoothness": smoothness}
+    total = photometric + cfg.smoothness_weight * smoothness
+
+    if cfg.segmentation_weight > 0 and "seg_logits" in outputs:
+        if labels is None:
+            raise ValueError("loss.segmentation_weight > 0 needs pseudo-labels in the batch")
+        losses["segmentation"] = segmentation_loss(outputs["seg_logits"], labels)
+        total = total + cfg.segmentation_weight * losses["segmentation"]
+
+    if cfg.sgt_weight > 0 and cfg.sgt_scales:
+        if labels is None:
+            raise ValueError("loss.sgt_weight > 0 needs pseudo-labels in the batch")
+        features: Mapping[int, torch.Tensor] = outputs["depth_features"]  # type: ignore[assignment]
+        sgt_total = torch.zeros((), device=target.device)
+        for s in cfg.sgt_scales:
+            feat = features[s]
+            term = sgt_loss(
+                feat,
+                resize_labels(labels, tuple(feat.shape[-2:])),
+                kernel_size=cfg.sgt_kernel_size,
+                margin=cfg.sgt_margin,
+                threshold=cfg.sgt_threshold,
+            )
+            losses[f"sgt_s{s}"] = term
+            sgt_total = sgt_total + (term / 2**s if cfg.scale_weighting == "reference" else term)
+        losses["sgt"] = sgt_total
+        total = total + cfg.sgt_weight * sgt_total
+
+    losses["total"] = total
+    if automask is not None:
+        losses["automask"] = automask
+    return losses
