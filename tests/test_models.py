@@ -482,3 +482,16 @@ def test_random_init_has_no_zero_initialised_residual_branches() -> None:
     loss.backward()
     no_grad = [n for n, p in encoder.named_parameters() if p.grad is None or not p.grad.any()]
     assert not no_grad
+
+
+def test_pretrained_auto_falls_back_to_random_init_with_a_warning(caplog, tmp_path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with caplog.at_level("WARNING"):
+        encoder = build_encoder("resnet18", pretrained="auto", num_input_images=2)
+    assert encoder.channels == (64, 64, 128, 256, 512)
+    assert "random initialisation" in caplog.text
+    with pytest.raises(ValueError, match="pretrained="):
+        build_encoder("resnet18", pretrained="yes")

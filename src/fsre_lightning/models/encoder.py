@@ -225,7 +225,7 @@ def duplicate_first_conv(weight: torch.Tensor, num_input_images: int) -> torch.T
 
 def build_encoder(
     name: str = "resnet18",
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     weights_path: str | os.PathLike[str] | None = None,
     num_input_images: int = 1,
 ) -> FeatureEncoder:
@@ -233,7 +233,18 @@ def build_encoder(
 
     For several frames the first convolution takes 3 * N channels; pretrained RGB filters are
     duplicated N times and divided by N (done here, independent of timm's own adaptation).
+    `pretrained="auto"` loads the weights when a local copy exists and otherwise warns and
+    starts from random init; `True` insists and raises PretrainedWeightsNotFound without them.
     """
+    if pretrained == "auto":
+        # The training default: use ImageNet weights when a local copy exists, else say so.
+        try:
+            return build_encoder(name, True, weights_path, num_input_images)
+        except PretrainedWeightsNotFound as err:
+            _logger.warning("pretrained=auto, using random initialisation: %s", err)
+            return build_encoder(name, False, None, num_input_images)
+    if pretrained not in (True, False):
+        raise ValueError(f"pretrained={pretrained!r}: use true, false or 'auto'")
     if num_input_images < 1:
         raise ValueError(f"num_input_images must be >= 1, got {num_input_images}")
     if num_input_images == 1:

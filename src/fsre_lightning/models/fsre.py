@@ -62,7 +62,7 @@ class FSRENetwork(nn.Module):
     def __init__(
         self,
         encoder: str = "resnet18",
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         num_classes: int = 19,
         disp_scales: Sequence[int] = (0, 1, 2, 3),
         cma_scales: Sequence[int] = (4, 3, 2),

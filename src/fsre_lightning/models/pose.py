@@ -30,7 +30,7 @@ class PoseNetwork(nn.Module):
     def __init__(
         self,
         encoder: str = "resnet18",
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         weights_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
