@@ -1,0 +1,26 @@
+"""Data: the KITTI-layout DataModule, the synthetic scene generator, velodyne ground truth."""
+
+from fsre_lightning.data.augment import FrameConsistentColorJitter
+from fsre_lightning.data.kitti import (
+    DataError,
+    KittiDataModule,
+    KittiDataset,
+    SplitEntry,
+    load_gt_depths,
+    read_split,
+    save_gt_depths,
+)
+from fsre_lightning.data.velodyne import read_calib_file, velodyne_depth
+
+__all__ = [
+    "DataError",
+    "FrameConsistentColorJitter",
+    "KittiDataModule",
+    "KittiDataset",
+    "SplitEntry",
+    "load_gt_depths",
+    "read_calib_file",
+    "read_split",
+    "save_gt_depths",
+    "velodyne_depth",
+]

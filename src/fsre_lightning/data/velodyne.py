@@ -1,0 +1,107 @@
+"""KITTI calibration files and velodyne ground-truth depth (SPEC section 5).
+
+The projection reproduces Monodepth2's export of the Eigen test ground truth exactly: float64
+maths on the float32 scans, the devkit's 1-based pixel convention (round, then minus one), the
+nearest point winning where several land on one pixel, and the point's velodyne x as depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+_FLOAT_CHARS = set("0123456789.e+- ")
+
+
+def read_calib_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray | str]:
+    """Parse a KITTI calibration text file into arrays (non-numeric values stay strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"calibration file {path} not found: KITTI raw keeps calib_cam_to_cam.txt and "
+            "calib_velo_to_cam.txt in each date folder (e.g. ROOT/2011_09_26/)"
+        )
+    data: dict[str, np.ndarray | str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if ":" not in line:
+            raise ValueError(f"{path}:{number}: expected 'key: values', got {line!r}")
+        key, value = line.split(":", 1)
+        value = value.strip()
+        data[key] = value
+        if value and _FLOAT_CHARS.issuperset(value):
+            with contextlib.suppress(ValueError):  # e.g. "1.2.3": keep the string
+                data[key] = np.array([float(v) for v in value.split()])
+    return data
+
+
+def _matrix(calib: dict[str, np.ndarray | str], key: str, shape: tuple[int, int],
+            source: Path) -> np.ndarray:
+    value = calib.get(key)
+    if not isinstance(value, np.ndarray) or value.size != shape[0] * shape[1]:
+        raise ValueError(f"{source}: key {key!r} missing or not {shape[0]}x{shape[1]} numbers")
+    return value.reshape(shape)
+
+
+def velodyne_to_image(calib_dir: str | os.PathLike[str], cam: int = 2
+                      ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The 3 x 4 matrix taking homogeneous velodyne points to rectified pixels of camera `cam`,
+    and that camera's rectified image size (height, width)."""
+    calib_dir = Path(calib_dir)
+    cam2cam_path = calib_dir / "calib_cam_to_cam.txt"
+    velo2cam_path = calib_dir / "calib_velo_to_cam.txt"
+    cam2cam = read_calib_file(cam2cam_path)
+    velo2cam = read_calib_file(velo2cam_path)
+    rotation = _matrix(velo2cam, "R", (3, 3), velo2cam_path)
+    translation = _matrix(velo2cam, "T", (3, 1), velo2cam_path)
+    velo_to_cam = np.vstack([np.hstack([rotation, translation]), [0.0, 0.0, 0.0, 1.0]])
+    rect = np.eye(4)
+    rect[:3, :3] = _matrix(cam2cam, "R_rect_00", (3, 3), cam2cam_path)
+    projection = _matrix(cam2cam, f"P_rect_0{cam}", (3, 4), cam2cam_path)
+    width, height = _matrix(cam2cam, f"S_rect_0{cam}", (1, 2), cam2cam_path)[0].astype(int)
+    return projection @ rect @ velo_to_cam, (int(height), int(width))
+
+
+def load_velodyne_points(path: str | os.PathLike[str]) -> np.ndarray:
+    """N x 4 float32 (x, y, z, reflectance) from a KITTI .bin scan."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"velodyne scan {path} not found")
+    raw = np.fromfile(path, dtype=np.float32)
+    if raw.size % 4:
+        raise ValueError(f"{path}: {raw.size} floats is not a whole number of (x, y, z, r) points")
+    return raw.reshape(-1, 4)
+
+
+def project_velodyne(points: np.ndarray, velo_to_image: np.ndarray,
+                     image_size: tuple[int, int]) -> np.ndarray:
+    """Sparse H x W depth map (0 = no point) from N x 4 velodyne points."""
+    height, width = image_size
+    points = points[points[:, 0] >= 0]
+    homogeneous = np.concatenate([points[:, :3], np.ones_like(points[:, :1])], axis=1)
+    image_points = homogeneous @ velo_to_image.T  # float64, like the devkit
+    u = np.round(image_points[:, 0] / image_points[:, 2]) - 1
+    v = np.round(image_points[:, 1] / image_points[:, 2]) - 1
+    depth = points[:, 0]
+    inside = (u >= 0) & (v >= 0) & (u < width) & (v < height)
+    u, v, depth = u[inside].astype(np.int64), v[inside].astype(np.int64), depth[inside]
+    # Nearest point wins: sort by depth, keep each pixel's first occurrence.
+    order = np.argsort(depth, kind="stable")
+    linear = v[order] * width + u[order]
+    _, first = np.unique(linear, return_index=True)
+    keep = order[first]
+    out = np.zeros(height * width, dtype=np.float32)
+    out[v[keep] * width + u[keep]] = depth[keep]
+    out[out < 0] = 0
+    return out.reshape(height, width)
+
+
+def velodyne_depth(calib_dir: str | os.PathLike[str], velo_path: str | os.PathLike[str],
+                   cam: int = 2) -> np.ndarray:
+    """Ground-truth depth of one frame at the camera's native rectified resolution."""
+    velo_to_image, size = velodyne_to_image(calib_dir, cam)
+    return project_velodyne(load_velodyne_points(velo_path), velo_to_image, size)
