@@ -25,3 +25,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# A short training run on the built-in synthetic scenes; extra Hydra overrides via ARGS="...".
+demo: install
+	$(BIN)/python -m fsre_lightning.train +experiment=demo $(ARGS)
