@@ -10,6 +10,7 @@ from fsre_lightning.data.kitti import (
     read_split,
     save_gt_depths,
 )
+from fsre_lightning.data.synthetic import generate_synthetic_kitti, render_drive
 from fsre_lightning.data.velodyne import read_calib_file, velodyne_depth
 
 __all__ = [
@@ -18,9 +19,11 @@ __all__ = [
     "KittiDataModule",
     "KittiDataset",
     "SplitEntry",
+    "generate_synthetic_kitti",
     "load_gt_depths",
     "read_calib_file",
     "read_split",
+    "render_drive",
     "save_gt_depths",
     "velodyne_depth",
 ]
