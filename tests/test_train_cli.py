@@ -1,0 +1,137 @@
+"""The training entry point end to end: Hydra composition, a short run, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fsre_lightning.train import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+# A tiny synthetic world so that generation and training take seconds.
+TINY = [
+    "data=synthetic",
+    "logger=csv",
+    "data.height=64",
+    "data.width=192",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "++data.synthetic.num_drives=3",
+    "++data.synthetic.frames_per_drive=8",
+    "++data.synthetic.height=64",
+    "++data.synthetic.width=192",
+    "trainer.limit_val_batches=2",
+    "callbacks.progress_bar=null",
+]
+
+
+def _run(args: list[str], tmp_path: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
+           "FSRE_OUTPUT_DIR": str(tmp_path / "outputs"), "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "fsre_lightning.train", *args],
+        env=env, capture_output=True, text=True, timeout=600, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment: str) -> None:
+    from fsre_lightning.config import validate_config
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}"])
+    validate_config(cfg)
+    assert cfg.model.network._target_ == "fsre_lightning.models.FSRENetwork"
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    result = _run([f"+experiment={EXPERIMENTS[0]}", "--cfg", "job"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sgt_kernel_size: 5" in result.stdout and "cma_scales:" in result.stdout
+
+
+def test_monodepth2_model_drops_every_semantic_part() -> None:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=monodepth2"])
+    assert cfg.model.network.segmentation is False
+    assert list(cfg.model.network.cma_scales) == []
+    assert cfg.loss.segmentation_weight == 0 and cfg.loss.sgt_weight == 0
+    assert cfg.data.use_labels is False
+    assert cfg.model._target_ == "fsre_lightning.module.FSREModule"
+
+
+def test_two_steps_write_checkpoints_config_and_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _run([*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 2
+    assert {"abs_rel", "rmse", "a1"} <= set(metrics["after"])
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert "sgt_kernel_size: 5" in (run_dir / "config.yaml").read_text()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["global_step"] == 2
+
+
+def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
+           "FSRE_OUTPUT_DIR": str(tmp_path / "outputs")}
+    args = [*TINY, "model=monodepth2", "trainer.max_steps=100000",
+            "callbacks.last_checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "fsre_lightning.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_csv = run_dir / "csv" / "version_0" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        # The CSV logger flushes every log_every_n_steps: training is under way.
+        if metrics_csv.exists() and "train/total" in metrics_csv.read_text():
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.exists(), output[-3000:]
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 1
+
+    resumed_dir = tmp_path / "resumed"
+    result = _run([*TINY, "model=monodepth2", f"trainer.max_steps={step + 2}",
+                   f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((resumed_dir / "metrics.json").read_text())["global_step"] == step + 2
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.height=100", "data.height=100"),
+        ("loss.sgt_kernel_size=4", "loss.sgt_kernel_size=4"),
+        ("model.network.num_heads=0", "model.network.num_heads=0"),
+        ("model.network.cma_scales=[5]", "model.network.cma_scales"),
+        ("loss.sgt_scales=[7]", "loss.sgt_scales"),
+        ("data.root=/nonexistent/kitti", "/nonexistent/kitti"),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_message(
+    tmp_path: Path, override: str, fragment: str
+) -> None:
+    result = _run([*TINY, "data.synthetic=null", override], tmp_path)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
