@@ -72,12 +72,14 @@ def test_monodepth2_model_drops_every_semantic_part() -> None:
 
 def test_two_steps_write_checkpoints_config_and_metrics(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # eval_before then mid-training validation: metric states reset under inference mode
+    # must still accept updates during fit.
     result = _run([*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
-                   f"hydra.run.dir={run_dir}"], tmp_path)
+                   "eval_before=true", f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 2
-    assert {"abs_rel", "rmse", "a1"} <= set(metrics["after"])
+    assert {"abs_rel", "rmse", "a1"} <= set(metrics["after"]) <= set(metrics["before"])
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert "sgt_kernel_size: 5" in (run_dir / "config.yaml").read_text()
