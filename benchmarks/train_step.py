@@ -72,7 +72,7 @@ def main() -> None:
     if args.channels_last:
         module = module.to(memory_format=torch.channels_last)
     step_module = torch.compile(module) if args.compile else module
-    optimizer = module.configure_optimizers()["optimizer"]
+    (optimizer,), _ = module.configure_optimizers()
     batch = make_batch(args.batch, args.height, args.width, device)
     dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
 

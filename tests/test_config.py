@@ -45,6 +45,8 @@ def test_paper_defaults_pass() -> None:
         ("data.frame_ids", [-1, 0, 1], "frame 0 first"),
         ("model.optimizer.lr", 0.0, "> 0"),
         ("model.scheduler.milestones", [15, 10], "increasing"),
+        ("model.scheduler.warmup_steps", -5, ">= 0"),
+        ("model.optimizer.pose_lr_scale", 0.0, "> 0"),
     ],
 )
 def test_bad_values_name_key_and_value(key: str, value, fragment: str) -> None:

@@ -40,11 +40,42 @@ def make_module(variant: str) -> FSREModule:
                       image_log_every_n_steps=0)
 
 
+def test_lr_schedule_warmup_per_step_then_paper_milestones_per_epoch() -> None:
+    module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
+                        optimizer={"lr": 1e-3},
+                        scheduler={"milestones": [2], "gamma": 0.1, "warmup_steps": 4})
+    (optimizer,), schedulers = module.configure_optimizers()
+    by_interval = {s["interval"]: s["scheduler"] for s in schedulers}
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        by_interval["step"].step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    for _ in range(2):
+        by_interval["epoch"].step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    (_,), plain = FSREModule(network={**FULL, "cma_scales": []},
+                             pose_network=POSE).configure_optimizers()
+    assert [s["interval"] for s in plain] == ["epoch"]
+
+
+def test_pose_network_gets_its_own_learning_rate() -> None:
+    module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
+                        optimizer={"lr": 2e-4, "pose_lr_scale": 5.0})
+    (optimizer,), _ = module.configure_optimizers()
+    depth_group, pose_group = optimizer.param_groups
+    assert depth_group["lr"] == pytest.approx(2e-4) and pose_group["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in pose_group["params"]} == {id(p) for p in module.pose_net.parameters()}
+    n_all = sum(1 for _ in module.parameters())
+    assert len(depth_group["params"]) + len(pose_group["params"]) == n_all
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_one_training_step_updates_every_used_parameter(variant: str) -> None:
     torch.manual_seed(0)
     module = make_module(variant)
-    optimizer = module.configure_optimizers()["optimizer"]
+    (optimizer,), _ = module.configure_optimizers()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     loss = module.training_step(make_batch(), 0)
     assert loss.dim() == 0 and torch.isfinite(loss)

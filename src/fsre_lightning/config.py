@@ -116,12 +116,16 @@ def validate_loss(cfg: DictConfig) -> None:
 
 
 def validate_optim(cfg: DictConfig) -> None:
-    _positive(cfg, ["model.optimizer.lr"], strict=True)
+    _positive(cfg, ["model.optimizer.lr", "model.optimizer.pose_lr_scale"], strict=True)
     milestones = _get(cfg, "model.scheduler.milestones")
     if milestones is not None:
         ms = list(milestones)
         _check(ms == sorted(ms) and all(m > 0 for m in ms), "model.scheduler.milestones", ms,
                "increasing positive epochs")
+    warmup = _get(cfg, "model.scheduler.warmup_steps")
+    if warmup is not None:
+        _check(isinstance(warmup, int) and warmup >= 0, "model.scheduler.warmup_steps", warmup,
+               "an integer >= 0")
 
 
 VALIDATORS: tuple[Callable[[DictConfig], None], ...] = (

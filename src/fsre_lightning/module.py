@@ -72,8 +72,12 @@ class FSREModule(pl.LightningModule):
         self.pose_net = hydra.utils.instantiate(pose_network)
         self.loss_cfg = LossConfig(**loss)
         self.frame_ids = [int(f) for f in frame_ids]
-        self.optimizer_cfg = {"lr": 1.5e-4, **(optimizer or {})}
-        self.scheduler_cfg = {"milestones": [10, 15], "gamma": 0.1, **(scheduler or {})}
+        optimizer = {"lr": 1.5e-4, "pose_lr_scale": 1.0, **(optimizer or {})}
+        self.pose_lr_scale = float(optimizer.pop("pose_lr_scale"))
+        self.optimizer_cfg = optimizer
+        scheduler = {"milestones": [10, 15], "gamma": 0.1, "warmup_steps": 0, **(scheduler or {})}
+        self.warmup_steps = int(scheduler.pop("warmup_steps"))
+        self.scheduler_cfg = scheduler
         self.image_log_every_n_steps = image_log_every_n_steps
         self.num_panel_images = num_panel_images
         self.has_segmentation = getattr(self.net, "seg_decoder", None) is not None
@@ -152,11 +156,22 @@ class FSREModule(pl.LightningModule):
         self.val_miou.reset()
 
     # -------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.parameters(), **self.optimizer_cfg)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **self.scheduler_cfg)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                         "interval": "epoch"}}
+    def configure_optimizers(self) -> tuple[list[Any], list[dict[str, Any]]]:
+        pose = list(self.pose_net.parameters())
+        pose_ids = {id(p) for p in pose}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in pose_ids]},
+                  {"params": pose, "lr": self.optimizer_cfg["lr"] * self.pose_lr_scale}]
+        optimizer = torch.optim.Adam(groups, **self.optimizer_cfg)
+        # Both schedulers are chainable, so their factors multiply on the one optimiser.
+        schedulers = [{"scheduler": torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, **self.scheduler_cfg), "interval": "epoch"}]
+        if self.warmup_steps > 1:
+            # A linear ramp keeps Adam's first, sign-like steps from saturating the disparity
+            # sigmoid of a randomly initialised network (it collapses to zero disparity).
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps - 1)
+            schedulers.append({"scheduler": warmup, "interval": "step"})
+        return [optimizer], schedulers
 
     # ---------------------------------------------------------------- logging
     def _error_map(self, scaled_disp: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
