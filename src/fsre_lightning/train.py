@@ -112,7 +112,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary = {k: results[k] for k in ("before", "after") if k in results}
         Path(summary_path).write_text(json.dumps(summary, indent=2))
     print_metrics({k: results[k] for k in ("before", "after") if k in results},
-                  f"validation metrics ({run_dir})")
+                  "validation metrics")
+    Console().print(f"run folder: {run_dir}", soft_wrap=True)
     print_wandb_sync_hint(trainer)
     return results
 
