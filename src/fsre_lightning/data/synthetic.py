@@ -592,7 +592,7 @@ def _clear(root: Path) -> None:
 
 def generate_synthetic_kitti(
     root: str | os.PathLike[str],
-    num_drives: int = 6,
+    num_drives: int = 8,
     frames_per_drive: int = 110,
     height: int = 96,
     width: int = 320,
