@@ -157,10 +157,9 @@ class FSREModule(pl.LightningModule):
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> tuple[list[Any], list[dict[str, Any]]]:
-        pose = list(self.pose_net.parameters())
-        pose_ids = {id(p) for p in pose}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in pose_ids]},
-                  {"params": pose, "lr": self.optimizer_cfg["lr"] * self.pose_lr_scale}]
+        groups = [{"params": self.net.parameters()},
+                  {"params": self.pose_net.parameters(),
+                   "lr": self.optimizer_cfg["lr"] * self.pose_lr_scale}]
         optimizer = torch.optim.Adam(groups, **self.optimizer_cfg)
         # Both schedulers are chainable, so their factors multiply on the one optimiser.
         schedulers = [{"scheduler": torch.optim.lr_scheduler.MultiStepLR(

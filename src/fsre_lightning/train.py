@@ -106,13 +106,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["global_step"] = trainer.global_step
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
 
+    summary = {k: results[k] for k in ("before", "after") if k in results}
     summary_path = cfg.get("summary_path")
     if summary_path:
         Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
-        summary = {k: results[k] for k in ("before", "after") if k in results}
         Path(summary_path).write_text(json.dumps(summary, indent=2))
-    print_metrics({k: results[k] for k in ("before", "after") if k in results},
-                  "validation metrics")
+    print_metrics(summary, "validation metrics")
     Console().print(f"run folder: {run_dir}", soft_wrap=True)
     print_wandb_sync_hint(trainer)
     return results
