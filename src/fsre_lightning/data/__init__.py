@@ -9,9 +9,10 @@ from fsre_lightning.data.kitti import (
     load_gt_depths,
     read_split,
     save_gt_depths,
+    velodyne_depth,
 )
 from fsre_lightning.data.synthetic import generate_synthetic_kitti, render_drive
-from fsre_lightning.data.velodyne import read_calib_file, velodyne_depth
+from fsre_lightning.data.velodyne import read_calib_file
 
 __all__ = [
     "DataError",
