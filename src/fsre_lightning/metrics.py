@@ -2,7 +2,9 @@
 
 `depth_errors` is the per-image formula; `compute_depth_metrics` applies the Eigen protocol
 (crop, cap, median scaling) to one image; `DepthMetrics` and `SegmentationIoU` are torchmetrics
-wrappers so that validation numbers are reduced correctly across DDP processes.
+wrappers so that validation numbers are reduced correctly across DDP processes. The offline
+evaluation (`fsre_lightning.evaluation.evaluate_eigen`) runs through `DepthMetrics` too, so
+validation and test numbers come from one implementation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,25 @@ DEPTH_METRIC_KEYS: tuple[str, ...] = ("abs_rel", "sq_rel", "rmse", "rmse_log", "
 
 # Garg/Eigen crop as fractions of the ground-truth size (rows, then columns).
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
+
+
+def garg_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the Garg crop, half-open, truncated to integers (SPEC 6)."""
+    top, bottom, left, right = GARG_CROP
+    return int(top * height), int(bottom * height), int(left * width), int(right * width)
+
+
+def median(values: torch.Tensor) -> torch.Tensor:
+    """Median of all elements, the mean of the two middle ones for an even count.
+
+    This is numpy's convention, which Monodepth2's median scaling uses; `torch.median` returns
+    the lower middle element instead, which shifts the scaling ratio on small or coarse maps.
+    """
+    if values.numel() == 0:
+        raise ValueError("median of an empty tensor")
+    ordered = values.flatten().sort().values
+    n = ordered.numel()
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
 
 
 def depth_errors(
@@ -56,10 +77,9 @@ def eval_mask(
     """Valid-pixel mask of an H x W ground-truth map: depth range and optional Garg crop."""
     mask = (gt > min_depth) & (gt < max_depth)
     if crop == "garg":
-        h, w = gt.shape[-2:]
-        top, bottom, left, right = GARG_CROP
+        top, bottom, left, right = garg_crop_box(*gt.shape[-2:])
         crop_mask = torch.zeros_like(mask)
-        crop_mask[..., int(top * h) : int(bottom * h), int(left * w) : int(right * w)] = True
+        crop_mask[..., top:bottom, left:right] = True
         mask &= crop_mask
     elif crop != "none":
         raise ValueError(f"crop must be 'garg' or 'none', got {crop!r}")
@@ -76,8 +96,10 @@ def compute_depth_metrics(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """Eigen protocol for one image: returns (errors, median ratio), or None without valid GT.
 
-    `gt` is H x W metric depth (0 = none); `pred_disp` is h x w disparity at any size: it is
-    resized bilinearly to the GT size and inverted, as Monodepth2's evaluation does.
+    `gt` is H x W metric depth (0 = none); `pred_disp` is h x w disparity (depth = 1 / disp) at
+    any size: it is resized bilinearly to the GT size and inverted, as Monodepth2's evaluation
+    does. The ratio median(gt) / median(pred) over the valid pixels is returned in both modes
+    (it tells how far off the predicted scale is) but applied only when `median_scaling`.
     """
     pred_disp = F.interpolate(
         pred_disp.reshape(1, 1, *pred_disp.shape[-2:]).double(),
@@ -91,9 +113,8 @@ def compute_depth_metrics(
         return None
     gt_v = gt[mask].double()
     pred_v = pred[mask]
-    ratio = torch.ones((), dtype=torch.float64, device=gt.device)
+    ratio = median(gt_v) / median(pred_v)
     if median_scaling:
-        ratio = torch.median(gt_v) / torch.median(pred_v)
         pred_v = pred_v * ratio
     pred_v = pred_v.clamp(min_depth, max_depth)
     return depth_errors(gt_v, pred_v), ratio
@@ -151,8 +172,11 @@ class DepthMetrics(Metric):
         if isinstance(ratios, list):
             ratios = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
         if ratios.numel():
-            out["ratio_median"] = ratios.median()
-            out["ratio_std"] = ratios.std(unbiased=False) / ratios.median()
+            # Monodepth2 reports np.median(ratios) and np.std(ratios / median): the spread of
+            # the per-image scale, relative to its median.
+            ratio_median = median(ratios)
+            out["ratio_median"] = ratio_median
+            out["ratio_std"] = ratios.std(unbiased=False) / ratio_median
         out["num_images"] = self.count.clone()
         return out
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +123,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def run_or_exit(command: str, job: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
+    """Run an entry point's job; a user mistake ends it with one line on stderr and exit 2."""
+    try:
+        job(cfg)
+    except USER_ERRORS as err:
+        print(f"fsre_lightning.{command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        print(f"fsre_lightning.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit("train", run, cfg)
 
 
 if __name__ == "__main__":

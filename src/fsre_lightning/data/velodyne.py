@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 _FLOAT_CHARS = set("0123456789.e+- ")
+_POINT_BYTES = 16  # four float32 per velodyne point
 
 
 def read_calib_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray | str]:
@@ -43,7 +44,11 @@ def _matrix(calib: dict[str, np.ndarray | str], key: str, shape: tuple[int, int]
             source: Path) -> np.ndarray:
     value = calib.get(key)
     if not isinstance(value, np.ndarray) or value.size != shape[0] * shape[1]:
-        raise ValueError(f"{source}: key {key!r} missing or not {shape[0]}x{shape[1]} numbers")
+        found = "missing" if value is None else f"{value!r} is not {shape[0]}x{shape[1]} numbers"
+        raise ValueError(
+            f"{source}: key {key!r} {found}; use the unmodified calibration files of the KITTI "
+            "raw release for this date (<date>_calib.zip)"
+        )
     return value.reshape(shape)
 
 
@@ -51,6 +56,8 @@ def velodyne_to_image(calib_dir: str | os.PathLike[str], cam: int = 2
                       ) -> tuple[np.ndarray, tuple[int, int]]:
     """The 3 x 4 matrix taking homogeneous velodyne points to rectified pixels of camera `cam`,
     and that camera's rectified image size (height, width)."""
+    if cam not in (0, 1, 2, 3):
+        raise ValueError(f"cam={cam!r}: KITTI cameras are 0..3 (2 = left colour, 3 = right)")
     calib_dir = Path(calib_dir)
     cam2cam_path = calib_dir / "calib_cam_to_cam.txt"
     velo2cam_path = calib_dir / "calib_velo_to_cam.txt"
@@ -71,10 +78,15 @@ def load_velodyne_points(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"velodyne scan {path} not found")
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % 4:
-        raise ValueError(f"{path}: {raw.size} floats is not a whole number of (x, y, z, r) points")
-    return raw.reshape(-1, 4)
+    # Check bytes, not floats: np.fromfile silently drops a trailing partial float.
+    size = path.stat().st_size
+    if size % _POINT_BYTES:
+        raise ValueError(
+            f"velodyne scan {path} is {size} bytes, not a multiple of {_POINT_BYTES} "
+            "(float32 x, y, z, reflectance per point): the file is truncated or not a KITTI "
+            "scan; re-extract it from the raw data archive"
+        )
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
 
 
 def project_velodyne(points: np.ndarray, velo_to_image: np.ndarray,
@@ -84,8 +96,10 @@ def project_velodyne(points: np.ndarray, velo_to_image: np.ndarray,
     points = points[points[:, 0] >= 0]
     homogeneous = np.concatenate([points[:, :3], np.ones_like(points[:, :1])], axis=1)
     image_points = homogeneous @ velo_to_image.T  # float64, like the devkit
-    u = np.round(image_points[:, 0] / image_points[:, 2]) - 1
-    v = np.round(image_points[:, 1] / image_points[:, 2]) - 1
+    # A point on the camera plane (z = 0) gives inf/nan pixels, which the bounds test drops.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.round(image_points[:, 0] / image_points[:, 2]) - 1
+        v = np.round(image_points[:, 1] / image_points[:, 2]) - 1
     depth = points[:, 0]
     inside = (u >= 0) & (v >= 0) & (u < width) & (v < height)
     u, v, depth = u[inside].astype(np.int64), v[inside].astype(np.int64), depth[inside]

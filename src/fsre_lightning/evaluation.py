@@ -1,0 +1,129 @@
+"""The Eigen evaluation protocol as one function, and Monodepth2's flip post-processing.
+
+`evaluate_eigen` feeds every image through `metrics.DepthMetrics`, the metric validation logs,
+so the offline test numbers and the validation numbers share one implementation of SPEC
+section 6 (resize, Garg crop, depth caps, median scaling, the seven errors, ratio statistics).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics
+
+# What `evaluate_eigen` returns besides num_frames: the paper's seven columns, then the median
+# and relative spread of the per-image median-scaling ratios.
+EIGEN_KEYS: tuple[str, ...] = (*DEPTH_METRIC_KEYS, "ratio_median", "ratio_std")
+
+# Flip post-processing: the blend hands over from one prediction to the other between 5 % and
+# 10 % of the width from each border.
+_RAMP_START, _RAMP_SLOPE = 0.05, 20.0
+_END = object()
+
+
+def _as_map(value: Any, what: str, index: int) -> torch.Tensor:
+    """An H x W float64 tensor from an array or tensor (leading singleton dims dropped)."""
+    tensor = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+    while tensor.dim() > 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 2:
+        raise ValueError(f"{what}[{index}] has shape {tuple(tensor.shape)}; expected H x W")
+    return tensor.detach().to("cpu", torch.float64)
+
+
+def summarize(metric: DepthMetrics) -> dict[str, float]:
+    """`DepthMetrics`' state as plain floats: EIGEN_KEYS plus num_frames (images scored)."""
+    computed = metric.compute()
+    if not computed:
+        raise ValueError(
+            "no image had a valid ground-truth pixel (depth in (min_depth, max_depth) inside "
+            "the crop): check that the ground truth belongs to these images"
+        )
+    out = {key: float(computed[key]) for key in EIGEN_KEYS}
+    out["num_frames"] = int(computed["num_images"])
+    return out
+
+
+def evaluate_eigen(
+    pred_disps: Iterable[np.ndarray | torch.Tensor],
+    gt_depths: Iterable[np.ndarray | torch.Tensor],
+    median_scaling: bool = True,
+    crop: str = "garg",
+    min_depth: float = 1e-3,
+    max_depth: float = 80.0,
+) -> dict[str, float]:
+    """Eigen-protocol depth metrics of a set of predictions, averaged over images (SPEC 6).
+
+    `pred_disps`: one h x w disparity per image whose inverse is the predicted depth, i.e. the
+    network's sigmoid output already mapped with `geometry.disp_to_depth` (what Monodepth2's
+    evaluation feeds in). Any size: it is resized bilinearly to its ground truth's size.
+    `gt_depths`: the H x W metric ground truth of each image at native resolution, 0 = none
+    (e.g. `load_gt_depths`). Both are consumed in step, so generators work.
+
+    Per image: valid pixels are min_depth < gt < max_depth, inside the Garg crop when
+    crop="garg"; with median scaling the prediction is multiplied by median(gt) /
+    median(pred) over those pixels; then it is clamped to [min_depth, max_depth]. Images
+    without a valid pixel are skipped (not counted in num_frames).
+
+    Returns abs_rel, sq_rel, rmse, rmse_log, a1, a2, a3 (means over images), ratio_median and
+    ratio_std (median of the per-image ratios and their standard deviation divided by that
+    median; reported without median scaling too, where the ratios are not applied) and
+    num_frames.
+    """
+    metric = DepthMetrics(min_depth, max_depth, crop, median_scaling)
+    preds, gts = iter(pred_disps), iter(gt_depths)
+    for index in itertools.count():
+        pred, gt = next(preds, _END), next(gts, _END)
+        if pred is _END and gt is _END:
+            break
+        if pred is _END or gt is _END:
+            longer = "gt_depths" if pred is _END else "pred_disps"
+            raise ValueError(f"{longer} has more entries than the other (first {index} paired): "
+                             "give one prediction per ground-truth map, in split order")
+        metric.update(_as_map(pred, "pred_disps", index)[None, None],
+                      _as_map(gt, "gt_depths", index)[None, None])
+    return summarize(metric)
+
+
+def ramp_weights(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column weights (left_border, right_border), each 1 at its own image border.
+
+    `left_border` is 1 on the first 5 % of the columns, falls linearly to 0 at 10 % and stays 0
+    beyond; `right_border` is its mirror image. Column j sits at x = j / (width - 1).
+    """
+    x = torch.linspace(0.0, 1.0, width, dtype=torch.float64)
+    left_border = 1.0 - torch.clamp(_RAMP_SLOPE * (x - _RAMP_START), 0.0, 1.0)
+    return left_border, left_border.flip(0)
+
+
+def post_process_disparity(disp: torch.Tensor, disp_of_flipped: torch.Tensor) -> torch.Tensor:
+    """Monodepth2's flip post-processing of ... x W disparities.
+
+    `disp` is the prediction for the image, `disp_of_flipped` the prediction for the mirrored
+    image (still mirrored). The two are averaged over the middle 80 % of the width; towards
+    the borders the weight moves to a single prediction: the mirrored one at the left border,
+    the direct one at the right border. The left-border band is where Monodepth's predictions
+    show their artefacts (image content that the other training views do not see), and
+    mirroring moves that band to the other side of the mirrored prediction.
+    """
+    if disp.shape != disp_of_flipped.shape:
+        raise ValueError(f"disp {tuple(disp.shape)} and disp_of_flipped "
+                         f"{tuple(disp_of_flipped.shape)} must have the same shape")
+    unflipped = disp_of_flipped.flip(-1)
+    left_border, right_border = (w.to(disp) for w in ramp_weights(disp.shape[-1]))
+    middle = 1.0 - left_border - right_border
+    return (right_border * disp + left_border * unflipped
+            + middle * 0.5 * (disp + unflipped))
+
+
+def format_table_row(results: Mapping[str, float]) -> str:
+    """The seven metrics as a header line and the paper's `&`-separated LaTeX row."""
+    # A row cell is "&", 8 characters, 2 spaces: the leading space ends each name over its number.
+    header = " " + " | ".join(f"{key:>8}" for key in DEPTH_METRIC_KEYS)
+    row = "".join(f"&{results[key]:8.3f}  " for key in DEPTH_METRIC_KEYS) + "\\\\"
+    return f"{header}\n{row}"

@@ -1,0 +1,237 @@
+"""Velodyne ground truth on a hand-made KITTI-layout folder, its export and its bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fsre_lightning.data import DataError, KittiDataModule, load_gt_depths, read_split
+from fsre_lightning.data.kitti import velodyne_depth
+from fsre_lightning.evaluation import evaluate_eigen
+from fsre_lightning.export_gt import export_gt_depths, run
+from fsre_lightning.train import CONFIG_DIR
+
+DATE = "2011_01_01"
+DRIVE = f"{DATE}/{DATE}_drive_0001_sync"
+H, W = 40, 100          # S_rect_02
+FX, CX, CY = 100.0, 50.0, 20.0
+T_Z = -0.5              # camera z = velodyne x - 0.5: stored depth (velodyne x) != camera z
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "kitti_sample" / "2011_09_26"
+
+CAM_TO_CAM = {
+    "calib_time": "09-Jan-2012 13:57:47",
+    "R_rect_00": "1 0 0 0 1 0 0 0 1",
+    "P_rect_02": f"{FX} 0 {CX} 0 0 {FX} {CY} 0 0 0 1 0",
+    "S_rect_02": f"{W:.6e} {H:.6e}",
+    # camera 3: principal point 10 px further right, smaller image
+    "P_rect_03": f"{FX} 0 {CX + 10} 0 0 {FX} {CY} 0 0 0 1 0",
+    "S_rect_03": "8.0e+01 3.0e+01",
+}
+# KITTI's axes: velodyne x forward, y left, z up; camera x right, y down, z forward.
+VELO_TO_CAM = {"R": "0 -1 0 0 0 -1 1 0 0", "T": f"0 0 {T_Z}", "delta_f": "0 0", "delta_c": "0 0"}
+
+
+def point_at(u: int, v: int, x: float, cx: float = CX) -> list[float]:
+    """A velodyne point at distance x whose projection is exactly 1-based pixel (u+1, v+1)."""
+    z_cam = x + T_Z
+    return [x, -(u + 1 - cx) * z_cam / FX, -(v + 1 - CY) * z_cam / FX, 0.5]
+
+
+def write_calib(path: Path, entries: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{key}: {value}\n" for key, value in entries.items()))
+
+
+def write_scan(path: Path, points: list[list[float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.asarray(points, dtype=np.float32).tofile(path)
+
+
+# Hand-placed points and where SPEC section 5 says they go: {(v, u): depth}.
+POINTS = [
+    point_at(49, 19, 20.0),    # far point first in the file ...
+    point_at(49, 19, 10.0),    # ... the nearer one on the same pixel wins
+    point_at(59, 14, 10.5),    # nearer one first this time
+    point_at(59, 14, 30.5),
+    [-5.0, 0.0, 0.0, 0.5],     # behind (x < 0): dropped, though it projects onto (49, 19)
+    point_at(0, 0, 7.0),       # the first pixel of the image
+    point_at(W - 1, H - 1, 8.0),  # the last one
+    point_at(-1, 5, 9.0),      # 1-based column 0 -> u = -1: outside
+    point_at(W, 5, 9.0),       # just right of the image
+    point_at(5, H, 9.0),       # just below it
+]
+EXPECTED = {(19, 49): 10.0, (14, 59): 10.5, (0, 0): 7.0, (H - 1, W - 1): 8.0}
+
+
+def make_kitti(tmp_path: Path, frames: int = 2) -> Path:
+    """ROOT with one date (calibration) and one drive of `frames` scans."""
+    root = tmp_path / "kitti"
+    write_calib(root / DATE / "calib_cam_to_cam.txt", CAM_TO_CAM)
+    write_calib(root / DATE / "calib_velo_to_cam.txt", VELO_TO_CAM)
+    for frame in range(frames):
+        points = [*POINTS, point_at(30, 30, 40.0 + frame)]  # one frame-specific point
+        write_scan(root / DRIVE / "velodyne_points" / "data" / f"{frame:010d}.bin", points)
+    return root
+
+
+def write_split(directory: Path, lines: list[str], name: str = "test") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}_files.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def scan(root: Path, frame: int = 0) -> Path:
+    return root / DRIVE / "velodyne_points" / "data" / f"{frame:010d}.bin"
+
+
+def test_points_land_on_the_expected_pixels(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path)
+    depth = velodyne_depth(root / DATE, scan(root))
+    assert depth.shape == (H, W) and depth.dtype == np.float32
+    expected = np.zeros((H, W), np.float32)
+    for (v, u), value in EXPECTED.items():
+        expected[v, u] = value
+    expected[30, 30] = 40.0
+    assert np.array_equal(depth, expected)
+
+
+def test_right_camera_uses_its_own_projection_and_size(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path)
+    write_scan(scan(root), [point_at(9, 3, 6.0, cx=CX + 10)])
+    depth = velodyne_depth(root / DATE, scan(root), cam=3)
+    assert depth.shape == (30, 80) and depth[3, 9] == pytest.approx(6.0)
+    assert np.count_nonzero(depth) == 1
+
+
+@pytest.mark.parametrize(
+    ("file", "key"),
+    [("calib_cam_to_cam.txt", "P_rect_02"), ("calib_cam_to_cam.txt", "S_rect_02"),
+     ("calib_cam_to_cam.txt", "R_rect_00"), ("calib_velo_to_cam.txt", "R"),
+     ("calib_velo_to_cam.txt", "T")],
+)
+def test_missing_calibration_key_names_file_and_key(tmp_path: Path, file: str, key: str) -> None:
+    root = make_kitti(tmp_path)
+    entries = dict(CAM_TO_CAM if file.startswith("calib_cam") else VELO_TO_CAM)
+    del entries[key]
+    write_calib(root / DATE / file, entries)
+    with pytest.raises(DataError, match=rf"{file}.*'{key}' missing"):
+        velodyne_depth(root / DATE, scan(root))
+
+
+def test_truncated_or_missing_files_are_named(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path)
+    with scan(root).open("ab") as f:
+        f.write(b"\0" * 8)  # two floats of a half-written point
+    with pytest.raises(DataError, match=r"0000000000\.bin is \d+ bytes, not a multiple of 16"):
+        velodyne_depth(root / DATE, scan(root))
+    with pytest.raises(DataError, match=r"0000000007\.bin not found"):
+        velodyne_depth(root / DATE, scan(root, 7))
+    (root / DATE / "calib_velo_to_cam.txt").unlink()
+    with pytest.raises(DataError, match=r"calib_velo_to_cam\.txt not found"):
+        velodyne_depth(root / DATE, scan(root, 1))
+
+
+def test_export_writes_what_load_gt_depths_reads(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path)
+    split = write_split(tmp_path / "splits" / "tiny", [f"{DRIVE} 1 l", f"{DRIVE} 0 l"])
+    path = export_gt_depths(root, split, split.parent / "gt_depths.npz", progress=False)
+    maps = load_gt_depths(path)
+    assert [m.shape for m in maps] == [(H, W), (H, W)]
+    assert maps[0][30, 30] == pytest.approx(41.0) and maps[1][30, 30] == pytest.approx(40.0)
+    assert np.array_equal(maps[1], velodyne_depth(root / DATE, scan(root, 0)))
+
+
+@pytest.mark.parametrize("problem", ["scan", "calib", "date", "root"])
+def test_export_reports_missing_inputs_before_projecting(tmp_path: Path, problem: str) -> None:
+    root = make_kitti(tmp_path)
+    split = write_split(tmp_path / "splits" / "tiny", [f"{DRIVE} 0 l", f"{DRIVE} 5 l"])
+    fragment = {"scan": str(scan(root, 5)),
+                "calib": str(root / DATE / "calib_cam_to_cam.txt"),
+                "date": f"has no folder {DATE}/",
+                "root": "does not exist"}[problem]
+    if problem == "calib":
+        write_scan(scan(root, 5), POINTS)
+        (root / DATE / "calib_cam_to_cam.txt").unlink()
+    elif problem == "date":
+        root = tmp_path / "empty_root"
+        root.mkdir()
+    elif problem == "root":
+        root = tmp_path / "nowhere"
+    with pytest.raises(DataError) as err:
+        export_gt_depths(root, split, tmp_path / "out.npz", progress=False)
+    assert fragment in str(err.value)
+    assert not (tmp_path / "out.npz").exists()
+
+
+def _compose(tmp_path: Path, overrides: list[str]):
+    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'outputs'}", "progress=false"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("export_gt", overrides=[*base, *overrides])
+
+
+def test_config_picks_the_split_folder_and_the_val_file(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path)
+    split_dir = tmp_path / "splits" / "eigen"
+    write_split(split_dir, [f"{DRIVE} 0 l"])
+    write_split(split_dir, [f"{DRIVE} 1 l", f"{DRIVE} 0 l"], name="val")
+    assert run(_compose(tmp_path, [f"data.root={root}"])) == split_dir / "gt_depths.npz"
+    assert len(load_gt_depths(split_dir / "gt_depths.npz")) == 1
+    run(_compose(tmp_path, [f"data.root={root}", "subset=val"]))
+    assert len(load_gt_depths(split_dir / "gt_depths_val.npz")) == 2
+    with pytest.raises(DataError, match=r"splits/other/test_files\.txt not found"):
+        run(_compose(tmp_path, [f"data.root={root}", "split=other"]))
+
+
+def _cli(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path), "FSRE_OUTPUT_DIR": str(tmp_path / "out")}
+    return subprocess.run([sys.executable, "-m", "fsre_lightning.export_gt", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_the_file_and_reports_a_missing_scan_without_traceback(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path)
+    split_dir = tmp_path / "splits" / "mine"
+    write_split(split_dir, [f"{DRIVE} 0 l", f"{DRIVE} 1 l"])
+    output = tmp_path / "gt" / "custom.npz"
+    ok = _cli(tmp_path, [f"data.root={root}", f"split_dir={split_dir}", f"output={output}"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(load_gt_depths(output)) == 2 and str(output) in ok.stdout
+
+    scan(root, 1).unlink()
+    bad = _cli(tmp_path, [f"data.root={root}", "split=mine"])
+    assert bad.returncode == 2
+    assert str(scan(root, 1)) in bad.stderr and "Traceback" not in bad.stderr
+    assert not (split_dir / "gt_depths.npz").exists()
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/kitti_sample not present")
+def test_real_sample_export_feeds_the_test_split(tmp_path: Path) -> None:
+    lines = ["2011_09_26/2011_09_26_drive_0005_sync 0 l",
+             *(f"2011_09_26/2011_09_26_drive_0000_sync {f} l" for f in range(1, 5))]
+    split = write_split(tmp_path / "eigen", lines)
+    export_gt_depths(SAMPLE.parent, split, split.parent / "gt_depths.npz", progress=False)
+    maps = load_gt_depths(split.parent / "gt_depths.npz")
+    assert len(maps) == len(read_split(split)) == 5
+    assert all(m.shape == (375, 1242) and 10_000 < np.count_nonzero(m) < 40_000 for m in maps)
+
+    dm = KittiDataModule(SAMPLE.parent, split.parent, height=64, width=192, batch_size=5,
+                         num_workers=0, use_labels=False, eval_crop="garg")
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["frames"].shape == (5, 1, 3, 64, 192)
+    assert batch["depth_gt"].shape == (5, 1, 375, 1242)
+    assert torch.equal(batch["depth_gt"][0, 0], torch.from_numpy(maps[0]))
+    # Every real frame has valid pixels inside the Garg crop, and the ground truth scored
+    # against itself at native size is perfect.
+    disps = [np.where(m > 0, 1.0 / np.maximum(m, 1e-6), 1.0) for m in maps]
+    results = evaluate_eigen(disps, maps)
+    assert results["abs_rel"] < 1e-6 and results["a1"] == 1.0 and results["num_frames"] == 5
