@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointOnInterrupt(pl.Callback):
-    """Write `<dirpath>/last.ckpt` when training is interrupted (Ctrl-C) or crashes.
+    """Write `<dirpath>/last.ckpt` when training is interrupted (Ctrl-C, SIGTERM) or crashes.
 
     Lightning's OnExceptionCheckpoint deletes its file again at teardown; here the file stays,
     so `ckpt_path=<dirpath>/last.ckpt` resumes the interrupted run.
@@ -26,6 +29,12 @@ class CheckpointOnInterrupt(pl.Callback):
                      exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return
+        # model.nonfinite=stop: the state at hand produced NaN/inf; the last good checkpoint
+        # on disk must not be overwritten by it.
+        from fsre_lightning.module import NonFiniteLossError
+
+        if isinstance(exception, NonFiniteLossError):
+            return
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
             log.warning("%s at step %d: saved %s; resume with ckpt_path=%s",
@@ -33,3 +42,62 @@ class CheckpointOnInterrupt(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python `random` states as tensors and plain types.
+
+    Plain types keep the checkpoint loadable with `torch.load(weights_only=True)` (numpy's own
+    state holds an ndarray, which the weights-only unpickler refuses).
+    """
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal),
+                   "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo `capture_rng_state`: every generator continues where the captured run was."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()),
+                     py_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGStateCheckpoint(pl.Callback):
+    """Store the random generators' states in every checkpoint; a resumed run restores them.
+
+    Lightning restores model, optimiser, schedulers and loop counters but not the RNGs, so the
+    colour-jitter draws (global torch RNG, main process) of a resumed run would differ from an
+    uninterrupted one's. The states are restored at `on_train_start`, after everything Lightning
+    does while restoring (which may draw random numbers) and right before the first batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._to_restore: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = dict(state_dict) if state_dict else None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._to_restore is not None:
+            restore_rng_state(self._to_restore)
+            self._to_restore = None

@@ -126,6 +126,10 @@ def _predictions(module: FSREModule, datamodule: KittiDataModule, post_process: 
                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(disparity, native ground truth) per test image, in split order."""
     for batch in datamodule.test_dataloader():
+        if batch.get("skipped"):  # only with data.eval_on_error=skip; counted in the report
+            datamodule.note_skipped(batch["skipped"])
+        if "frames" not in batch:
+            continue
         disp = predict_disparity(module, batch["frames"][:, 0].to(device), post_process).cpu()
         for i, (gh, gw) in enumerate(batch["gt_size"].tolist()):
             yield disp[i, 0], batch["depth_gt"][i, 0, :gh, :gw]
@@ -206,6 +210,9 @@ def print_report(results: dict[str, Any]) -> None:
     pp = ", flip post-processing" if settings["post_process"] else ""
     print(f"\ndepth, Eigen protocol (crop {settings['crop']}, {mode}{pp}) at "
           f"{settings['height']} x {settings['width']}: {results['num_frames']} frames scored")
+    if results.get("num_skipped_frames"):
+        print(f"WARNING: {results['num_skipped_frames']} frames of the split were unreadable "
+              f"and skipped (data.eval_on_error=skip): not comparable to a full-split score")
     print(format_table_row(results))
     print(f"scale ratio: median {results['ratio_median']:.3f}, "
           f"std {results['ratio_std']:.3f} (relative to the median)")
@@ -216,7 +223,7 @@ def print_report(results: dict[str, Any]) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as the config says; returns what the JSON file holds."""
-    validate_config(cfg)
+    validate_config(cfg, "evaluate")
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError("ckpt_path is required: ckpt_path=<run folder>/checkpoints/last.ckpt")
     ckpt_path = Path(cfg.ckpt_path)
@@ -228,6 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = evaluate_depth(module, datamodule, cfg.post_process,
                                              cfg.median_scaling, device)
+    results["num_skipped_frames"] = len(datamodule.skipped_samples)
     if cfg.get("semantics_dir"):
         if module.has_segmentation:
             results.update(evaluate_segmentation(module, Path(cfg.semantics_dir),

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import track
 
-from fsre_lightning.config import ConfigError
+from fsre_lightning.config import ConfigError, validate_config
 from fsre_lightning.data.kitti import (
     DataError,
     SplitEntry,
@@ -87,6 +87,7 @@ def export_gt_depths(root: str | os.PathLike[str], split_file: str | os.PathLike
 
 def run(cfg: DictConfig) -> Path:
     """Export as the config says; returns the written file."""
+    validate_config(cfg, "export_gt")
     subset = cfg.subset
     if subset not in GT_FILE_NAMES:
         raise ConfigError(f"subset={subset!r} is not allowed: test or val")

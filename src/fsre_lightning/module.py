@@ -7,6 +7,7 @@ orchestrates one step and what is logged. The batch layout is the one documented
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,18 @@ from fsre_lightning.visualize import (
     log_image,
     make_panel,
 )
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or gradient was NaN/inf under `model.nonfinite=stop`.
+
+    Raised before the optimiser step, so the weights are those of the last good step; the
+    interrupt checkpoint callback does not save on this error (the last good checkpoint stays).
+    """
 
 
 def _plain(cfg: Any) -> Any:
@@ -52,6 +65,8 @@ class FSREModule(pl.LightningModule):
         frame_ids: Sequence[int] = (0, -1, 1),
         image_log_every_n_steps: int = 250,
         num_panel_images: int = 2,
+        nonfinite: str = "skip",
+        nonfinite_max_consecutive: int = 100,
     ) -> None:
         super().__init__()
         network, pose_network = _plain(network), _plain(pose_network)
@@ -66,6 +81,8 @@ class FSREModule(pl.LightningModule):
                 "frame_ids": list(frame_ids),
                 "image_log_every_n_steps": image_log_every_n_steps,
                 "num_panel_images": num_panel_images,
+                "nonfinite": nonfinite,
+                "nonfinite_max_consecutive": nonfinite_max_consecutive,
             }
         )
         self.net = hydra.utils.instantiate(network)
@@ -83,6 +100,16 @@ class FSREModule(pl.LightningModule):
         self.has_segmentation = getattr(self.net, "seg_decoder", None) is not None
         self.val_depth = DepthMetrics()
         self.val_miou = SegmentationIoU()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"model.nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
+        self.nonfinite = nonfinite
+        self.nonfinite_max_consecutive = int(nonfinite_max_consecutive)
+        # Plain counters (not checkpointed): they describe this process's run.
+        self.skipped_nonfinite = 0
+        self._consecutive_nonfinite = 0
+        self._skip_this_step = False
+        self._warned_nonfinite: set[str] = set()
+        self._batch_names: list[str] = []
 
     # ------------------------------------------------------------------ steps
     def forward(self, image: torch.Tensor) -> dict[str, Any]:
@@ -115,15 +142,101 @@ class FSREModule(pl.LightningModule):
         )
         return outputs, losses
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._skip_this_step = False
+
+    def _nonfinite(self, what: str, terms: Sequence[str]) -> None:
+        """Apply model.nonfinite to a step whose `terms` (loss names or "gradients") are NaN/inf."""
+        names = ", ".join(terms)
+        frames = "; ".join(self._batch_names) or "?"
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite {what} ({names}) at step {self.global_step} on frames [{frames}]: "
+                f"stopped without taking the step (model.nonfinite=stop); the last checkpoint "
+                f"on disk is from before it. Check those frames, lower model.optimizer.lr or "
+                f"set model.nonfinite=skip")
+        self._skip_this_step = True
+        self.skipped_nonfinite += 1
+        self._consecutive_nonfinite += 1
+        for term in terms:
+            if term not in self._warned_nonfinite:  # once per term: a log, not a flood
+                self._warned_nonfinite.add(term)
+                log.warning("non-finite %s %s at step %d on frames [%s]: step skipped "
+                            "(model.nonfinite=skip; counted in train/skipped_nonfinite)",
+                            what, term, self.global_step, frames)
+        if self._consecutive_nonfinite > self.nonfinite_max_consecutive:
+            # Skipping keeps the weights finite, so an endless run of bad steps means the data
+            # or the numerics are broken: stop instead of burning the remaining hours.
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} consecutive steps had non-finite {what} "
+                f"({names}), last on frames [{frames}]: more than "
+                f"model.nonfinite_max_consecutive={self.nonfinite_max_consecutive}")
+
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` OR-ed over the DDP ranks (every rank must call this equally often)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _log_skipped(self) -> None:
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), reduce_fx="max")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        skipped = getattr(dm, "skipped_samples", None)
+        if skipped is not None:
+            self.log("train/skipped_samples", float(len(skipped)), reduce_fx="max")
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._batch_names = list(batch.get("name", []))
+        # Every sample of the batch unreadable (data.on_error=skip). Under DDP a rank skipping
+        # backward alone would hang the others, so every decision to skip is taken by all.
+        if self._any_rank("frames" not in batch):
+            self._skip_this_step = True
+            self._log_skipped()
+            return None
         outputs, losses = self._step(batch)
+        bad = [name for name, value in losses.items()
+               if name != "automask" and value.is_floating_point()
+               and not bool(torch.isfinite(value).all())]
+        if self._any_rank(bool(bad)):
+            self._nonfinite("loss", bad or ["(on another rank)"])
+            self._log_skipped()
+            return None  # Lightning then skips backward; Adam sees no gradients and no step
         batch_size = batch["frames"].shape[0]
         for name, value in losses.items():
             if value.dim() == 0:
                 self.log(f"train/{name}", value, prog_bar=name == "total", batch_size=batch_size)
         if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
             self._log_panel("train/panel", batch, outputs, losses.get("automask"))
+        self._log_skipped()
         return losses["total"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._skip_this_step:
+            self._consecutive_nonfinite = 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Catch finite losses with non-finite gradients before they reach Adam's moments."""
+        if self._skip_this_step or str(self.trainer.precision).startswith("16"):
+            # 16-bit AMP: the grad scaler skips overflowing steps itself, by design.
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+        if bool(torch.isfinite(norms).all()):
+            return
+        self._nonfinite("gradients", ["gradients"])
+        for p in self.parameters():
+            p.grad = None  # Adam skips parameters without a gradient: its state stays as it was
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # A skipped step must not advance per-step schedules (the warm-up) either; the
+        # per-epoch milestones count epochs, which a skipped batch does not change.
+        if self._skip_this_step and self._trainer is not None and any(
+                c.scheduler is scheduler and c.interval == "step"
+                for c in self.trainer.lr_scheduler_configs):
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def on_validation_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -132,6 +245,8 @@ class FSREModule(pl.LightningModule):
         self.val_depth.max_depth = getattr(dm, "max_depth_eval", 80.0)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if "frames" not in batch:  # every sample unreadable under data.eval_on_error=skip
+            return
         outputs, losses = self._step(batch)
         batch_size = batch["frames"].shape[0]
         self.log("val/loss", losses["total"], batch_size=batch_size, sync_dist=True)
@@ -156,6 +271,14 @@ class FSREModule(pl.LightningModule):
         self.val_miou.reset()
 
     # -------------------------------------------------------------- optimiser
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resume (Trainer.fit(ckpt_path)) and load_from_checkpoint both pass here before the
+        # weights are copied: a checkpoint of another architecture fails naming the keys.
+        from fsre_lightning.checkpointing import check_state_dict_compatible
+
+        if "state_dict" in checkpoint:
+            check_state_dict_compatible(self, checkpoint["state_dict"])
+
     def configure_optimizers(self) -> tuple[list[Any], list[dict[str, Any]]]:
         groups = [{"params": self.net.parameters()},
                   {"params": self.pose_net.parameters(),

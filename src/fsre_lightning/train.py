@@ -3,13 +3,18 @@
 With no overrides it trains the full model on the built-in synthetic scenes (generated on first
 use). Each run folder gets checkpoints/ (best and last), config.yaml (the resolved config) and
 metrics.json (validation metrics before, if asked, and after training).
+
+`ckpt_path=<file>|last|auto` resumes exactly (see README "Interrupting and resuming"); SIGTERM
+saves checkpoints/last.ckpt and exits with PREEMPTED_EXIT_CODE and the command to resume.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,16 +24,33 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
+from fsre_lightning.callbacks import CheckpointOnInterrupt, RNGStateCheckpoint
+from fsre_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointMismatchError,
+    check_state_dict_compatible,
+    find_last_checkpoint,
+    load_checkpoint_weights_only,
+)
 from fsre_lightning.config import ConfigError, validate_config
 from fsre_lightning.data import DataError
 from fsre_lightning.metrics import DEPTH_METRIC_KEYS
 from fsre_lightning.models import PretrainedWeightsNotFound
-from fsre_lightning.module import metric_summary
+from fsre_lightning.module import NonFiniteLossError, metric_summary
 
 log = logging.getLogger(__name__)
+
+# Exit status of a run stopped by SIGTERM (preemption): 128 + SIGTERM, as a shell reports it.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class PreemptedError(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; the message says how to resume."""
+
 
 CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
@@ -70,10 +92,44 @@ def print_wandb_sync_hint(trainer: pl.Trainer) -> None:
             Console().print(f"wandb run saved offline; to upload it: [bold]wandb sync {run_path}")
 
 
+def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
+    """`ckpt_path` as a file: `last` = the newest last.ckpt of this run name (error if none),
+    `auto` = the same or None (a fresh start), e.g. for a SLURM job that may be requeued."""
+    value = cfg.get("ckpt_path")
+    if value in (None, ""):
+        return None
+    if str(value) in ("last", "auto"):
+        try:
+            return find_last_checkpoint(cfg.paths.output_dir, cfg.name, exclude=cfg.paths.run_dir)
+        except FileNotFoundError:
+            if str(value) == "auto":
+                return None
+            raise
+    path = Path(str(value))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(value)!r}: no such checkpoint file (training "
+                                "writes <run folder>/checkpoints/last.ckpt; ckpt_path=last "
+                                "takes the newest)")
+    return path
+
+
+def trainer_plugins() -> list[Any]:
+    """Atomic checkpoint writes always; SLURM auto-requeue on SIGUSR1 inside a SLURM job."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if os.environ.get("SLURM_JOB_ID"):
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        # `sbatch --signal=USR1@90`: Lightning saves an hpc checkpoint and requeues the job;
+        # SLURM's SIGTERM that follows makes CheckpointOnInterrupt write last.ckpt.
+        plugins.append(SLURMEnvironment(requeue_signal=signal.SIGUSR1))
+    return plugins
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (and evaluate) as the config says; returns what metrics.json holds."""
-    validate_config(cfg)
+    validate_config(cfg, "train")
     run_dir = Path(cfg.paths.run_dir)
+    ckpt_path = resolve_ckpt_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -84,17 +140,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     choose_monitor(cfg, datamodule)
 
     module = hydra.utils.instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
+    if ckpt_path is not None:
+        # Another architecture fails here, naming the keys, not deep inside Lightning's restore.
+        checkpoint = load_checkpoint_weights_only(ckpt_path)
+        check_state_dict_compatible(module, checkpoint["state_dict"], source=str(ckpt_path))
+        del checkpoint
+        log.info("resuming from %s", ckpt_path)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(ckpt_path)  # config.yaml records the file actually resumed
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=instantiate_group(cfg.get("logger")) or False,
-        callbacks=instantiate_group(cfg.get("callbacks")),
+        # Not optional like the config's callbacks: without it a resumed run is not exact.
+        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint()],
+        plugins=trainer_plugins(),
     )
 
     results: dict[str, Any] = {}
     if cfg.get("eval_before"):
         results["before"] = metric_summary(trainer.validate(module, datamodule=datamodule)[0])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_kwargs: dict[str, Any] = {}
+    if "weights_only" in inspect.signature(trainer.fit).parameters:
+        # Checkpoints hold tensors and plain types only: no pickled code runs on resume.
+        fit_kwargs["weights_only"] = True
+    try:
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None, **fit_kwargs)
+    except SIGTERMException as err:
+        saved = [cb.path for cb in trainer.callbacks
+                 if isinstance(cb, CheckpointOnInterrupt) and cb.path.is_file()]
+        hint = (f"resume with ckpt_path={saved[0]} (or ckpt_path=last name={cfg.name})"
+                if saved else "no checkpoint was written (nothing trained yet, or "
+                "callbacks.checkpoint_on_interrupt is off)")
+        raise PreemptedError(f"preempted (SIGTERM) at step {trainer.global_step}; {hint}") from err
     # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state.
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)
@@ -104,6 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if getattr(cb, "monitor", None) and getattr(cb, "best_model_path", "")]
     results["checkpoints"] = {"last": str(last), "best": best[0] if best else None}
     results["global_step"] = trainer.global_step
+    results["resumed_from"] = str(ckpt_path) if ckpt_path else None
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
 
     summary = {k: results[k] for k in ("before", "after") if k in results}
@@ -120,6 +200,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 # Mistakes in the user's config or data: reported as one clear line, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataError, FileNotFoundError, NotADirectoryError, PretrainedWeightsNotFound,
+    NonFiniteLossError, CheckpointMismatchError,
 )
 
 
@@ -130,6 +211,15 @@ def run_or_exit(command: str, job: Callable[[DictConfig], Any], cfg: DictConfig)
     except USER_ERRORS as err:
         print(f"fsre_lightning.{command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except PreemptedError as err:
+        print(f"fsre_lightning.{command}: {err}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except SIGTERMException:
+        # Lightning raises it (a SystemExit with status 0) when SIGTERM arrives during a
+        # validation outside fit: still a preemption, not a success.
+        print(f"fsre_lightning.{command}: preempted (SIGTERM) outside training; the run "
+              "folder's checkpoints/last.ckpt (if any) holds the trained state", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

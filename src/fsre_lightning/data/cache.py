@@ -18,8 +18,13 @@ label format).
 Building writes ``NAME.partial.npy`` (a memmap), ``NAME.done.npy`` (one byte per row, set once
 the row is flushed to disk) and ``NAME.partial.json``; an interrupted build (Ctrl-C, a killed
 job) is resumed by the next call with the same fingerprint, which only fills the rows not yet
-done. A file lock (``NAME.lock``) lets concurrent processes (DDP ranks, two runs) share a
-folder: one builds, the others wait and then open the finished cache.
+done. A row whose source cannot be read may be marked bad instead (the fill function returns
+``(block, {row: reason})``): it is stored as zeros, flagged 2 in ``NAME.done.npy`` (so a resumed
+build keeps the mark) and listed with its reason under ``bad`` in ``NAME.json``; readers decide
+what to do with it (the KITTI data module drops the samples using it).
+
+A file lock (``NAME.lock``) lets concurrent processes (DDP ranks, two runs) share a folder:
+one builds, the others wait and then open the finished cache.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 DTYPE = np.uint8
+BAD = 2  # done-flag value of a row whose source could not be read (stored as zeros)
+
+# What a fill function returns: the rows, or the rows plus {row number: why it is bad}.
+FillResult = np.ndarray | tuple[np.ndarray, Mapping[int, str]]
 
 
 class CacheError(Exception):
@@ -117,11 +126,14 @@ class CachedArray:
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], keys: Sequence[str],
-                 info: Mapping[str, Any] | None = None) -> None:
+                 info: Mapping[str, Any] | None = None,
+                 bad: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
         self.shape = tuple(shape)
         self.keys = list(keys)
         self.info = dict(info or {})
+        # Keys whose rows are zeros because their source could not be read -> the reason.
+        self.bad = dict(bad or {})
         self._array: np.ndarray | None = None
         self._index: dict[str, int] | None = None
 
@@ -195,7 +207,8 @@ class ArrayCache:
         if meta is None:
             raise CacheError(f"no finished cache {self.data_path} (with {self.meta_path.name})")
         shape = (len(meta["keys"]), *meta["row_shape"])
-        cached = CachedArray(self.data_path, shape, meta["keys"], meta.get("info"))
+        cached = CachedArray(self.data_path, shape, meta["keys"], meta.get("info"),
+                             meta.get("bad"))
         cached.array  # noqa: B018 -- check the header against the index now, not mid-epoch
         return cached
 
@@ -205,7 +218,7 @@ class ArrayCache:
         keys: Sequence[str],
         row_shape: Sequence[int],
         fields: Mapping[str, Any],
-        fill: Callable[[np.ndarray], np.ndarray],
+        fill: Callable[[np.ndarray], FillResult],
         chunk_size: int = 64,
         info: Mapping[str, Any] | None = None,
         progress: bool = True,
@@ -276,10 +289,13 @@ class ArrayCache:
         for path in (self.partial_meta_path, self.partial_path, self.done_path):
             path.unlink(missing_ok=True)
 
-    def _build(self, meta: Mapping[str, Any], fill: Callable[[np.ndarray], np.ndarray],
+    def _build(self, meta: dict[str, Any], fill: Callable[[np.ndarray], FillResult],
                chunk_size: int, progress: bool) -> None:
         data, done = self._open_partial(meta)
         row_shape = tuple(meta["row_shape"])
+        # The partial index keeps the reasons too, so that a resumed build still names the files.
+        previous = _read_json(self.partial_meta_path) or {}
+        reasons: dict[int, str] = {int(r): str(v) for r, v in (previous.get("bad") or {}).items()}
         todo = np.flatnonzero(done == 0)
         total = len(done)
         with tqdm(total=total, initial=total - len(todo), desc=f"caching {self.name}",
@@ -287,7 +303,11 @@ class ArrayCache:
                   mininterval=1.0) as bar:
             for start in range(0, len(todo), max(1, chunk_size)):
                 rows = todo[start:start + chunk_size]
-                block = np.asarray(fill(rows))
+                result = fill(rows)
+                bad_rows: Mapping[int, str] = {}
+                if isinstance(result, tuple):
+                    result, bad_rows = result
+                block = np.asarray(result)
                 if block.shape != (len(rows), *row_shape) or block.dtype != DTYPE:
                     raise CacheError(f"cache {self.name}: the fill function returned "
                                      f"{block.dtype} {block.shape}, expected uint8 "
@@ -296,8 +316,17 @@ class ArrayCache:
                 # Rows hit the disk before their done flags: a resume never trusts unwritten rows.
                 data.flush()
                 done[rows] = 1
+                for row, reason in bad_rows.items():
+                    done[int(row)] = BAD
+                    reasons[int(row)] = reason
+                if bad_rows:
+                    _write_json_atomic(self.partial_meta_path,
+                                       {"fingerprint": meta["fingerprint"], "bad": reasons})
                 done.flush()
                 bar.update(len(rows))
+        keys = meta["keys"]
+        meta["bad"] = {keys[r]: reasons.get(int(r), "unreadable when the cache was built")
+                       for r in np.flatnonzero(done == BAD)}
         del data, done  # unmap before the rename
         os.replace(self.partial_path, self.data_path)
         _write_json_atomic(self.meta_path, meta)

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fsre_lightning.data.augment import FrameConsistentColorJitter
 from fsre_lightning.data.cache import ArrayCache, CachedArray, CacheError, file_signature
+from fsre_lightning.data.resumable import ResumableDataLoader
 from fsre_lightning.geometry import KITTI_INTRINSICS, intrinsics_matrix
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ SIDE_TO_CAMERA = {"l": "image_02", "r": "image_03"}
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 LABEL_FORMATS = ("train_ids", "label_ids")
 LABEL_SOURCES = ("files", "predicted")
+ON_ERROR = ("raise", "skip")
 
 # Cityscapes label id -> train id (SPEC section 5); every other id is void.
 _CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
@@ -66,6 +68,19 @@ for _label_id, _train_id in _CITYSCAPES_TRAIN_IDS.items():
 
 class DataError(Exception):
     """The data on disk does not match the config: missing files, empty or malformed splits."""
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """What a dataset yields for a sample whose files cannot be read (data.on_error=skip).
+
+    `collate` drops it from the batch and lists it under ``batch["skipped"]``, so that the
+    main process (not a loader worker) logs each bad file once and counts the samples.
+    """
+
+    index: int
+    name: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -295,9 +310,28 @@ def _pool_size(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
+def _fill_rows(pool: ThreadPoolExecutor, decode: Any, rows: np.ndarray, row_shape: tuple[int, ...],
+               on_error: str) -> np.ndarray | tuple[np.ndarray, dict[int, str]]:
+    """Decode `rows` in the pool; under on_error=skip an unreadable row is zeros, marked bad."""
+    if on_error == "raise":
+        return np.stack(list(pool.map(decode, rows)))
+
+    def safe(r: int) -> np.ndarray | str:
+        try:
+            return decode(r)
+        except DataError as err:
+            return str(err)
+
+    out = list(pool.map(safe, rows))
+    # Logged (once per file) by the data module when it drops the samples using these rows.
+    bad = {int(r): v for r, v in zip(rows, out, strict=True) if isinstance(v, str)}
+    block = np.stack([np.zeros(row_shape, np.uint8) if isinstance(v, str) else v for v in out])
+    return block, bad
+
+
 def build_frame_cache(cache_dir: Path, name: str, root: Path, keys: Sequence[str],
                       paths: Sequence[Path], size: tuple[int, int], workers: int = 0,
-                      progress: bool = True) -> CachedArray:
+                      progress: bool = True, on_error: str = "raise") -> CachedArray:
     """The uint8 N x H x W x 3 frame cache of `paths` (opened, or built/resumed first)."""
     fields = {"kind": "frames", "root": str(Path(root).resolve()), "size": list(size),
               "resize": "PIL RGB Lanczos", "files": file_signature(paths, Path(root))}
@@ -306,8 +340,9 @@ def build_frame_cache(cache_dir: Path, name: str, root: Path, keys: Sequence[str
     n = _pool_size(workers)
     # PIL releases the GIL while decoding and resizing: threads scale without pickling.
     with ThreadPoolExecutor(n) as pool:
-        def fill(rows: np.ndarray) -> np.ndarray:
-            return np.stack(list(pool.map(lambda r: decode_rgb(paths[r], size), rows)))
+        def fill(rows: np.ndarray) -> np.ndarray | tuple[np.ndarray, dict[int, str]]:
+            return _fill_rows(pool, lambda r: decode_rgb(paths[r], size), rows, (*size, 3),
+                              on_error)
 
         return ArrayCache(cache_dir, name).ensure(keys, (*size, 3), fields, fill,
                                                   chunk_size=max(32, 4 * n), info=info,
@@ -317,7 +352,7 @@ def build_frame_cache(cache_dir: Path, name: str, root: Path, keys: Sequence[str
 def build_label_cache(cache_dir: Path, name: str, label_root: Path, keys: Sequence[str],
                       label_paths: Sequence[Path | None], frame_paths: Sequence[Path | None],
                       size: tuple[int, int], label_format: str, workers: int = 0,
-                      progress: bool = True) -> CachedArray:
+                      progress: bool = True, on_error: str = "raise") -> CachedArray:
     """The uint8 N x H x W train-id cache of label PNGs; a None path is a void row."""
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label format {label_format!r}: use one of {LABEL_FORMATS}")
@@ -338,8 +373,8 @@ def build_label_cache(cache_dir: Path, name: str, label_root: Path, keys: Sequen
 
     n = _pool_size(workers)
     with ThreadPoolExecutor(n) as pool:
-        def fill(rows: np.ndarray) -> np.ndarray:
-            return np.stack(list(pool.map(one, rows)))
+        def fill(rows: np.ndarray) -> np.ndarray | tuple[np.ndarray, dict[int, str]]:
+            return _fill_rows(pool, one, rows, size, on_error)
 
         return ArrayCache(cache_dir, name).ensure(keys, size, fields, fill,
                                                   chunk_size=max(64, 8 * n), info=info,
@@ -370,7 +405,11 @@ class KittiDataset(Dataset):
         intrinsics: Sequence[float] = KITTI_INTRINSICS,
         frame_rows: CachedRows | None = None,
         label_rows: CachedRows | None = None,
+        on_error: str = "raise",
     ) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}")
+        self.on_error = on_error
         self.entries, self.image_paths, self.label_paths, self.gt = (
             entries, image_paths, label_paths, gt)
         self.size = (height, width)
@@ -383,7 +422,15 @@ class KittiDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        if self.on_error == "raise":
+            return self._item(index)
+        try:
+            return self._item(index)
+        except DataError as err:  # decode_rgb / decode_label name the file
+            return SkippedSample(index, str(self.entries[index]), str(err))
+
+    def _item(self, index: int) -> dict[str, Any]:
         if self.frame_rows is not None:
             frames = rgb_to_tensor(self.frame_rows.cache.read(self.frame_rows.rows[index]))
         else:
@@ -408,9 +455,18 @@ class KittiDataset(Dataset):
         return item
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch; ground-truth maps of different sizes are zero-padded bottom/right."""
-    batch: dict[str, Any] = {}
+def collate(items: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
+    """Stack a batch; ground-truth maps of different sizes are zero-padded bottom/right.
+
+    Unreadable samples (`SkippedSample`) are dropped and listed under "skipped" as
+    (name, reason) pairs; a batch of only those has just "name" (empty) and "skipped".
+    """
+    skipped = [(s.name, s.reason) for s in items if isinstance(s, SkippedSample)]
+    good = [item for item in items if not isinstance(item, SkippedSample)]
+    batch: dict[str, Any] = {"skipped": skipped} if skipped else {}
+    if not good:
+        return {"name": [], **batch}
+    items = good
     for key in items[0]:
         values = [item[key] for item in items]
         if key == "name":
@@ -472,6 +528,8 @@ class KittiDataModule(pl.LightningDataModule):
         cache_workers: int = 0,
         label_source: str = "files",
         allow_missing_labels: bool = False,
+        on_error: str = "skip",
+        eval_on_error: str = "raise",
     ) -> None:
         super().__init__()
         for key, value in (("data.height", height), ("data.width", width)):
@@ -483,6 +541,9 @@ class KittiDataModule(pl.LightningDataModule):
             raise ValueError(f"data.label_format={label_format!r}: use train_ids or label_ids")
         if label_source not in LABEL_SOURCES:
             raise ValueError(f"data.label_source={label_source!r}: use files or predicted")
+        for key, value in (("data.on_error", on_error), ("data.eval_on_error", eval_on_error)):
+            if value not in ON_ERROR:
+                raise ValueError(f"{key}={value!r}: use raise or skip")
         if cache_workers < 0:
             raise ValueError(f"data.cache_workers={cache_workers}: use 0 (all cores) or more")
         if eval_crop not in ("garg", "none"):
@@ -513,6 +574,11 @@ class KittiDataModule(pl.LightningDataModule):
         self.allow_missing_labels = allow_missing_labels
         self.num_classes = NUM_CLASSES
         self.datasets: dict[str, KittiDataset] = {}
+        # Files met unreadable after setup's checks: train follows on_error, val/test
+        # eval_on_error (raise by default: metrics must never silently cover fewer frames).
+        self.on_error, self.eval_on_error = on_error, eval_on_error
+        self.bad_files: set[str] = set()  # reasons (they name the file), each logged once
+        self.skipped_samples: set[str] = set()  # split lines ("<folder> <frame> <side>")
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -564,18 +630,74 @@ class KittiDataModule(pl.LightningDataModule):
             if len(gt) != len(entries):
                 raise DataError(f"{gt_file} has {len(gt)} maps but the {split_name} "
                                 f"split has {len(entries)} lines: re-export the ground truth")
+        on_error = self.on_error if stage == "train" else self.eval_on_error
         # The test split is read once per evaluation: caching it would not pay.
         cached = self.frame_cache and stage in ("train", "val")
-        frame_rows = self._frame_rows(split_name, entries, frame_ids, image_paths) if cached \
-            else None
+        frame_rows = self._frame_rows(split_name, entries, frame_ids, image_paths,
+                                      on_error) if cached else None
         label_rows = None
         if labelled and self.label_source == "predicted":
             label_rows = self._predicted_label_rows(split_name, entries, image_paths)
         elif labelled and cached:
-            label_rows = self._file_label_rows(split_name, entries, label_paths, image_paths)
-        return KittiDataset(entries, image_paths, label_paths, gt, self.height, self.width,
-                            self.label_format, self.flip_prob if stage == "train" else 0.0,
-                            self.intrinsics, frame_rows, label_rows)
+            label_rows = self._file_label_rows(split_name, entries, label_paths, image_paths,
+                                               on_error)
+        dataset = KittiDataset(entries, image_paths, label_paths, gt, self.height, self.width,
+                               self.label_format, self.flip_prob if stage == "train" else 0.0,
+                               self.intrinsics, frame_rows, label_rows, on_error)
+        return self._drop_bad_cached(dataset, split_name, on_error)
+
+    def _drop_bad_cached(self, dataset: KittiDataset, split_name: str,
+                         on_error: str) -> KittiDataset:
+        """Samples using a cache row that could not be decoded: an error, or dropped."""
+        keep = np.ones(len(dataset), dtype=bool)
+        reasons: list[str] = []
+        for rows in (dataset.frame_rows, dataset.label_rows):
+            if rows is None or not rows.cache.bad:
+                continue
+            bad_rows = set(rows.cache.rows_of(list(rows.cache.bad)).tolist())
+            table = rows.rows.reshape(len(dataset), -1)
+            keep &= ~np.isin(table, list(bad_rows)).any(axis=1)
+            reasons.extend(rows.cache.bad.values())
+        if not reasons:
+            return dataset
+        if on_error == "raise":
+            raise DataError(f"{len(reasons)} files of the {split_name} split could not be read "
+                            f"when its cache was built, e.g. {reasons[0]}\nFix or remove them "
+                            f"(the cache is rebuilt when files change), or set data.on_error="
+                            f"skip (train) / data.eval_on_error=skip (val/test)")
+        for reason in reasons:
+            self._note_bad(reason)
+        dropped = [str(dataset.entries[i]) for i in np.flatnonzero(~keep)]
+        self.skipped_samples.update(dropped)
+        if keep.all() or not keep.any():
+            if not keep.any():
+                raise DataError(f"every sample of the {split_name} split uses an unreadable "
+                                f"file, e.g. {reasons[0]}")
+            return dataset
+        log.warning("%s split: dropped %d of %d samples using %d unreadable files "
+                    "(data.on_error=skip)", split_name, len(dropped), len(dataset), len(reasons))
+        idx = np.flatnonzero(keep)
+
+        def pick(rows: CachedRows | None) -> CachedRows | None:
+            return None if rows is None else CachedRows(rows.cache, rows.rows[idx])
+
+        return KittiDataset(
+            [dataset.entries[i] for i in idx], [dataset.image_paths[i] for i in idx],
+            None if dataset.label_paths is None else [dataset.label_paths[i] for i in idx],
+            None if dataset.gt is None else [dataset.gt[i] for i in idx],
+            *dataset.size, dataset.label_format, dataset.flip_prob, dataset.intrinsics,
+            pick(dataset.frame_rows), pick(dataset.label_rows), on_error)
+
+    def _note_bad(self, reason: str) -> None:
+        if reason not in self.bad_files:
+            self.bad_files.add(reason)
+            log.warning("skipped an unreadable sample (data.on_error=skip): %s", reason)
+
+    def note_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Record samples a loader dropped: each file is logged once, the samples counted."""
+        for name, reason in skipped:
+            self._note_bad(reason)
+            self.skipped_samples.add(name)
 
     def _label_paths(self, entries: Sequence[SplitEntry]) -> list[Path | None]:
         paths = [label_path(self.label_dir, e) for e in entries]
@@ -597,20 +719,21 @@ class KittiDataModule(pl.LightningDataModule):
         return self.height, self.width
 
     def _frame_rows(self, split_name: str, entries: Sequence[SplitEntry],
-                    frame_ids: Sequence[int], image_paths: list[list[Path]]) -> CachedRows:
+                    frame_ids: Sequence[int], image_paths: list[list[Path]],
+                    on_error: str = "raise") -> CachedRows:
         keys, paths, rows = unique_rows(
             [[frame_key(e, f) for f in frame_ids] for e in entries], image_paths)
         name = cache_name("frames", split_name, self.height, self.width)
         try:
             cache = build_frame_cache(self.cache_dir, name, self.root, keys, paths, self._size(),
-                                      self.cache_workers)
+                                      self.cache_workers, on_error=on_error)
         except CacheError as err:
             raise DataError(str(err)) from err
         return CachedRows(cache, rows)
 
     def _file_label_rows(self, split_name: str, entries: Sequence[SplitEntry],
                          label_paths: Sequence[Path | None] | None,
-                         image_paths: list[list[Path]]) -> CachedRows:
+                         image_paths: list[list[Path]], on_error: str = "raise") -> CachedRows:
         assert label_paths is not None
         keys, paths, rows = unique_rows(
             [[frame_key(e)] for e in entries], [[p] for p in label_paths])
@@ -620,7 +743,8 @@ class KittiDataModule(pl.LightningDataModule):
         try:
             cache = build_label_cache(self.cache_dir, name, self.label_dir, keys, paths,
                                       [frames[k] for k in keys], self._size(),
-                                      self.label_format, self.cache_workers)
+                                      self.label_format, self.cache_workers,
+                                      on_error=on_error)
         except CacheError as err:
             raise DataError(str(err)) from err
         return CachedRows(cache, rows[:, 0])
@@ -670,16 +794,22 @@ class KittiDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
-        )
+        common: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": collate,
+        }
+        if shuffle:
+            # Order and flips a function of (seed, epoch, sample): a killed run resumes exactly.
+            # The seed is the one pl.seed_everything set (torch's initial seed).
+            return ResumableDataLoader(self.datasets[split], seed=torch.initial_seed(),
+                                       drop_last=True, **common)
+        # Own generator: iterating a validation loader must not consume the global torch RNG,
+        # or training after a mid-epoch validation would differ from a resumed run's.
+        return DataLoader(self.datasets[split], shuffle=False, drop_last=False,
+                          generator=torch.Generator(), **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -692,6 +822,10 @@ class KittiDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int
                                 ) -> dict[str, Any]:
+        if batch.get("skipped"):
+            self.note_skipped(batch["skipped"])
+        if "frames" not in batch:  # every sample unreadable: the module skips the step
+            return batch
         training = self.trainer is not None and self.trainer.training
         batch["frames_aug"] = self.jitter(batch["frames"]) if training else batch["frames"]
         return batch

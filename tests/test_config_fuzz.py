@@ -1,0 +1,193 @@
+"""Fuzz-style: invalid overrides through the real Hydra composition fail in validate_config.
+
+Validation only: nothing here builds data or a model. Each case is (override(s), the key the
+error must name). Hydra accepts all of these overrides (it does not type-check, and `+` adds
+keys), so only `validate_config` stands between them and a failed or silently wrong run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fsre_lightning.config import ConfigError, validate_config
+from fsre_lightning.train import CONFIG_DIR
+
+TRAIN_CASES: list[tuple[str, str]] = [
+    # types
+    ("data.batch_size=two", "data.batch_size"),
+    ("data.batch_size=2.5", "data.batch_size"),
+    ("data.batch_size=true", "data.batch_size"),
+    ("data.num_workers=1.0", "data.num_workers"),
+    ("data.height=64.0", "data.height"),
+    ("data.width=abc", "data.width"),
+    ("data.frame_ids=[0,a,1]", "data.frame_ids"),
+    ("data.frame_cache=yes", "data.frame_cache"),
+    ("data.use_labels=1", "data.use_labels"),
+    ("model.optimizer.lr=fast", "model.optimizer.lr"),
+    ("model.scheduler.milestones=[1.5]", "model.scheduler.milestones"),
+    ("model.scheduler.warmup_steps=2.5", "model.scheduler.warmup_steps"),
+    ("model.network.num_heads=2.0", "model.network.num_heads"),
+    ("model.network.segmentation=maybe", "model.network.segmentation"),
+    ("model.network.cma_scales=3", "model.network.cma_scales"),
+    ("loss.sgt_kernel_size=5.0", "loss.sgt_kernel_size"),
+    ("loss.automask=1", "loss.automask"),
+    ("loss.alpha=high", "loss.alpha"),
+    ("trainer.max_steps=10.5", "trainer.max_steps"),
+    ("trainer.log_every_n_steps=ten", "trainer.log_every_n_steps"),
+    ("seed=abc", "seed"),
+    ("eval_before=maybe", "eval_before"),
+    # ranges and choices
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.height=100", "data.height"),
+    ("data.width=0", "data.width"),
+    ("data.frame_ids=[-1,0,1]", "data.frame_ids"),
+    ("data.frame_ids=[0]", "data.frame_ids"),
+    ("data.frame_ids=[0,1,1]", "data.frame_ids"),
+    ("data.flip_prob=1.5", "data.flip_prob"),
+    ("data.hue=0.7", "data.hue"),
+    ("data.on_error=ignore", "data.on_error"),
+    ("data.eval_on_error=maybe", "data.eval_on_error"),
+    ("data.img_ext=bmp", "data.img_ext"),
+    ("data.label_format=ids", "data.label_format"),
+    ("data.eval_crop=eigen", "data.eval_crop"),
+    ("data.min_depth_eval=0", "data.min_depth_eval"),
+    ("data.max_depth_eval=0.0001", "data.max_depth_eval"),
+    ("data.intrinsics=[0.58,1.92,0.5]", "data.intrinsics"),
+    ("data.cache_workers=-2", "data.cache_workers"),
+    ("model.optimizer.lr=0", "model.optimizer.lr"),
+    ("model.optimizer.lr=-1e-4", "model.optimizer.lr"),
+    ("model.optimizer.pose_lr_scale=0", "model.optimizer.pose_lr_scale"),
+    ("model.scheduler.milestones=[15,10]", "model.scheduler.milestones"),
+    ("model.scheduler.gamma=0", "model.scheduler.gamma"),
+    ("model.network.num_heads=0", "model.network.num_heads"),
+    ("model.network.head_ratio=0", "model.network.head_ratio"),
+    ("model.network.cma_scales=[5]", "model.network.cma_scales"),
+    ("model.network.disp_scales=[]", "model.network.disp_scales"),
+    ("model.network.attention_scale=sqrt", "model.network.attention_scale"),
+    ("model.network.cma_targets=[normals]", "model.network.cma_targets"),
+    ("model.network.pretrained=maybe", "model.network.pretrained"),
+    ("model.nonfinite=ignore", "model.nonfinite"),
+    ("model.nonfinite_max_consecutive=0", "model.nonfinite_max_consecutive"),
+    ("model.image_log_every_n_steps=-1", "model.image_log_every_n_steps"),
+    ("model.frame_ids=[0,-1]", "model.frame_ids"),
+    ("loss.sgt_kernel_size=4", "loss.sgt_kernel_size"),
+    ("loss.sgt_kernel_size=1", "loss.sgt_kernel_size"),
+    ("loss.sgt_margin=0", "loss.sgt_margin"),
+    ("loss.sgt_margin=-0.3", "loss.sgt_margin"),
+    ("loss.sgt_scales=[0,5]", "loss.sgt_scales"),
+    ("loss.sgt_threshold=25", "loss.sgt_threshold"),
+    ("loss.alpha=1.5", "loss.alpha"),
+    ("loss.smoothness_weight=-1", "loss.smoothness_weight"),
+    ("loss.scale_weighting=mean", "loss.scale_weighting"),
+    ("loss.min_depth=0", "loss.min_depth"),
+    ("loss.max_depth=0.05", "loss.min_depth"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.max_epochs=-2", "trainer.max_epochs"),
+    ("trainer.precision=8", "trainer.precision"),
+    ("trainer.precision=fp16", "trainer.precision"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.accelerator=quantum", "trainer.accelerator"),
+    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches"),
+    ("trainer.val_check_interval=0.0", "trainer.val_check_interval"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("model=monodepth2 loss.segmentation_weight=0.3", "loss.segmentation_weight"),
+    # unknown keys, added with + (Hydra itself only rejects them without +)
+    ("+data.batchsize=4", "data.batchsize"),
+    ("+model.lr=1e-3", "model.lr"),
+    ("+loss.sgt_weigth=0.2", "loss.sgt_weigth"),
+    ("+trainer.max_step=10", "trainer.max_step"),
+    ("+model.network.heads=2", "model.network.heads"),
+    ("+model.pose_network.layers=18", "model.pose_network.layers"),
+    ("+model.optimizer.momentum=0.9", "model.optimizer.momentum"),
+    ("+model.scheduler.step_size=5", "model.scheduler.step_size"),
+    ("++data.synthetic.num_drive=3", "data.synthetic.num_drive"),
+    ("+callbacks.last_checkpoint.every_n_steps=5", "callbacks.last_checkpoint.every_n_steps"),
+    ("+foo=1", "foo"),
+    ("+nonfinite=stop", "nonfinite"),
+]
+
+EVALUATE_CASES: list[tuple[str, str]] = [
+    ("height=100", "height"),
+    ("width=12.5", "width"),
+    ("post_process=maybe", "post_process"),
+    ("median_scaling=0", "median_scaling"),
+    ("device=gpu", "device"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.eval_on_error=ignore", "data.eval_on_error"),
+    ("+data.split=eigen", "data.split"),
+    ("+foo=1", "foo"),
+]
+
+EXPORT_GT_CASES: list[tuple[str, str]] = [
+    ("subset=train", "subset"),
+    ("progress=2", "progress"),
+    ("+data.rooot=/data", "data.rooot"),
+    ("+bar=1", "bar"),
+]
+
+
+def _compose(entry: str, overrides: str) -> Any:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(entry, overrides=overrides.split())
+
+
+def _fails_naming(entry: str, overrides: str, key: str) -> None:
+    cfg = _compose(entry, overrides)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, entry)
+    message = str(err.value)
+    assert key in message, message
+    # The value (for a bad value) or the allowed keys (for an unknown key) are named too.
+    assert "is not allowed" in message or "allowed keys" in message, message
+
+
+def test_enough_cases() -> None:
+    assert len(TRAIN_CASES) + len(EVALUATE_CASES) + len(EXPORT_GT_CASES) >= 50
+
+
+@pytest.mark.parametrize(("overrides", "key"), TRAIN_CASES)
+def test_invalid_train_override_is_rejected(overrides: str, key: str) -> None:
+    _fails_naming("train", overrides, key)
+
+
+@pytest.mark.parametrize(("overrides", "key"), EVALUATE_CASES)
+def test_invalid_evaluate_override_is_rejected(overrides: str, key: str) -> None:
+    _fails_naming("evaluate", f"ckpt_path=x.ckpt {overrides}", key)
+
+
+@pytest.mark.parametrize(("overrides", "key"), EXPORT_GT_CASES)
+def test_invalid_export_gt_override_is_rejected(overrides: str, key: str) -> None:
+    _fails_naming("export_gt", overrides, key)
+
+
+@pytest.mark.parametrize(
+    ("entry", "overrides"),
+    [("train", ""), ("train", "+experiment=demo"), ("train", "model=monodepth2 data=kitti"),
+     ("train", "trainer=ddp logger=tensorboard data.on_error=raise model.nonfinite=stop"),
+     ("train", "trainer.precision=bf16-mixed trainer.limit_val_batches=0.5 "
+               "trainer.val_check_interval=100 trainer.max_epochs=null"),
+     ("evaluate", "ckpt_path=x.ckpt height=96 width=320 device=cuda:1"),
+     ("export_gt", "subset=val")],
+)
+def test_valid_configs_pass(entry: str, overrides: str) -> None:
+    validate_config(_compose(entry, overrides), entry)
+
+
+def test_train_run_validates_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hydra
+
+    from fsre_lightning import train
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        pytest.fail("instantiated something before the config was validated")
+
+    monkeypatch.setattr(hydra.utils, "instantiate", no_work)
+    monkeypatch.setattr(train.pl, "seed_everything", no_work)
+    cfg = _compose("train", "+data.batchsize=4")
+    with pytest.raises(ConfigError, match=r"data\.batchsize"):
+        train.run(cfg)

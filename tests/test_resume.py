@@ -1,0 +1,337 @@
+"""Interrupting and resuming: exact resume after SIGKILL, SIGTERM preemption, atomic saves,
+`ckpt_path=last`, architecture mismatches and weights-only loading."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from fsre_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointMismatchError,
+    check_state_dict_compatible,
+    find_last_checkpoint,
+)
+from fsre_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
+from fsre_lightning.module import FSREModule
+from fsre_lightning.train import CONFIG_DIR, PREEMPTED_EXIT_CODE, resolve_ckpt_path
+
+# The tiny synthetic world of test_train_cli, the Monodepth2 baseline (the cheapest model; the
+# resume machinery does not depend on it), flips and colour jitter on (the data defaults),
+# epochs of three steps so that runs cross an epoch boundary, no best-checkpoint saves.
+TINY = [
+    "data=synthetic",
+    "logger=csv",
+    "model=monodepth2",
+    "data.height=64",
+    "data.width=192",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.flip_prob=0.5",
+    "data.jitter_prob=0.5",
+    "++data.synthetic.num_drives=3",
+    "++data.synthetic.frames_per_drive=8",
+    "++data.synthetic.height=64",
+    "++data.synthetic.width=192",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+    "callbacks.best_checkpoint=null",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    # One data folder for the module: the synthetic scenes and frame caches are made once,
+    # here, before training runs that overlap could race to build them.
+    root = tmp_path_factory.mktemp("resume")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"paths.root_dir={root}",
+                                          f"paths.data_dir={root / 'data'}"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # One thread each: runs overlap on small machines, and every run of a comparison must use
+    # the same thread count (CPU reductions are only bit-identical for the same split).
+    return {**os.environ, "FSRE_DATA_DIR": str(root / "data"),
+            "FSRE_OUTPUT_DIR": str(root / "outputs"), "WANDB_MODE": "disabled",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "fsre_lightning.train", *TINY, *args]
+
+
+def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(args), env=env, capture_output=True, text=True, timeout=600)
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(_command(args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int,
+                         timeout: float = 400) -> int:
+    """Poll until `path` holds a checkpoint of at least `min_step` (saves are atomic: a file
+    that exists is complete); returns its step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file():
+            step = int(_load(path)["global_step"])
+            if step >= min_step:
+                return step
+        time.sleep(0.1)
+    output = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
+    raise AssertionError(f"no checkpoint of step >= {min_step} at {path}: {output[-3000:]}")
+
+
+def _assert_same(a: Any, b: Any, where: str) -> None:
+    """Nested dicts/lists of tensors and numbers equal exactly (torch.equal for tensors)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and set(a) == set(b), (where, set(a) ^ set(b))
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(
+        env: dict[str, str]) -> None:
+    outputs = Path(env["FSRE_OUTPUT_DIR"])
+    common = ["trainer.max_steps=4", "callbacks.last_checkpoint.every_n_train_steps=2"]
+    straight = outputs / "straight" / "run"
+    first = outputs / "interrupted" / "first"
+    second = outputs / "interrupted" / "second"
+    uninterrupted = _start([*common, "name=straight", f"hydra.run.dir={straight}"], env)
+    try:
+        # Killed (no chance to save anything) after the step-2 checkpoint: mid-epoch, two of
+        # the epoch's three batches consumed; the resumed run then validates at the epoch's
+        # end and starts epoch 1.
+        proc = _start([*common, "name=interrupted", f"hydra.run.dir={first}"], env)
+        try:
+            step = _wait_for_checkpoint(proc, first / "checkpoints" / "last.ckpt", 2)
+            assert proc.poll() is None, "the run finished before it could be killed"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.communicate(timeout=60)
+        assert step == 2
+        _finish(_start([*common, "name=interrupted", "ckpt_path=last",
+                        f"hydra.run.dir={second}"], env))
+        _finish(uninterrupted)
+    finally:
+        uninterrupted.kill()
+    resumed_cfg = OmegaConf.load(second / "config.yaml")
+    assert resumed_cfg.ckpt_path == str(first / "checkpoints" / "last.ckpt")
+
+    expected = _load(straight / "checkpoints" / "last.ckpt")
+    got = _load(second / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == 4
+    assert got["epoch"] == expected["epoch"]
+    _assert_same(expected["state_dict"], got["state_dict"], "state_dict")
+    _assert_same(expected["optimizer_states"], got["optimizer_states"], "optimizer_states")
+    _assert_same(expected["lr_schedulers"], got["lr_schedulers"], "lr_schedulers")
+
+    # Weights-only loading of our checkpoints, as evaluate.py and fine-tuning do.
+    module = FSREModule.load_from_checkpoint(second / "checkpoints" / "last.ckpt",
+                                             map_location="cpu", weights_only=True)
+    assert not module.has_segmentation
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_with_a_resume_hint(
+        env: dict[str, str]) -> None:
+    run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "preempted" / "run"
+    proc = subprocess.Popen(
+        _command(["trainer.max_steps=1000", "callbacks.last_checkpoint.every_n_train_steps=1",
+                  "name=preempted", f"hydra.run.dir={run_dir}"]),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        step = _wait_for_checkpoint(proc, last, 1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "preempted (SIGTERM)" in stderr and f"ckpt_path={last}" in stderr
+    assert "Traceback" not in stderr
+    assert int(_load(last)["global_step"]) >= step
+    assert not list(last.parent.glob("*.tmp"))
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.arange(4.0)}, path)
+
+    def save_half_then_die(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    loaded = _load(path)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_ckpt_path_last_takes_the_newest_run_and_fails_clearly_without_one(
+        tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"name": "exp", "ckpt_path": "last", "paths": {
+        "output_dir": str(tmp_path), "run_dir": str(tmp_path / "exp" / "now")}})
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoint matches .*exp"):
+        resolve_ckpt_path(cfg)
+    assert resolve_ckpt_path(OmegaConf.merge(cfg, {"ckpt_path": "auto"})) is None
+
+    paths = []
+    for i, run in enumerate(["2026-01-02_00-00-00", "2026-01-01_00-00-00", "now"]):
+        p = tmp_path / "exp" / run / "checkpoints" / "last.ckpt"
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    os.utime(paths[1], (5000, 5000))  # the older-named run was written last
+    os.utime(paths[2], (9000, 9000))
+    # The run being started ("now") is never its own resume source.
+    assert resolve_ckpt_path(cfg) == paths[1]
+    assert find_last_checkpoint(tmp_path, "exp") == paths[2]
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        resolve_ckpt_path(OmegaConf.merge(cfg, {"ckpt_path": str(tmp_path / "nope.ckpt")}))
+
+
+def test_resuming_another_architecture_fails_before_training_naming_the_keys(
+        env: dict[str, str], tmp_path: Path) -> None:
+    full = FSREModule(
+        network={"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18",
+                 "pretrained": False, "cma_scales": [4, 3, 2]},
+        pose_network={"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18",
+                      "pretrained": False})
+    ckpt = tmp_path / "full.ckpt"
+    AtomicCheckpointIO().save_checkpoint(
+        {"state_dict": full.state_dict(), "global_step": 7, "epoch": 0}, ckpt)
+    run_dir = tmp_path / "run"
+    result = _train(["trainer.max_steps=1", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"],
+                    env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "another architecture" in result.stderr and str(ckpt) in result.stderr
+    assert "unexpected in the checkpoint: " in result.stderr
+    assert "net.seg_decoder.* (" in result.stderr and "net.cma_depth.* (" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "checkpoints").exists()
+
+    # load_from_checkpoint (fine-tuning, evaluation) with weights that do not fit the
+    # checkpoint's own hyper-parameters: the same named error, not a copy error.
+    baseline = {**full.hparams, "network": {**full.hparams["network"], "segmentation": False,
+                                            "cma_scales": []}}
+    torch.save({"state_dict": full.state_dict(), "hyper_parameters": baseline,
+                "pytorch-lightning_version": "2.6.0"}, ckpt)
+    with pytest.raises(CheckpointMismatchError, match=r"net\.seg_decoder\.\* \("):
+        FSREModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+
+
+def test_state_dict_check_lists_missing_unexpected_and_both_shapes() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = {"0.weight": torch.zeros(4, 3), "0.bias": torch.zeros(5), "2.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_state_dict_compatible(model, state, source="x.ckpt")
+    message = str(err.value)
+    assert "x.ckpt" in message
+    assert "2 missing from the checkpoint: 1.bias, 1.weight" in message
+    assert "1 unexpected in the checkpoint: 2.weight" in message
+    assert "0.bias (checkpoint (5,), model (4,))" in message
+    check_state_dict_compatible(model, model.state_dict())
+
+
+def test_train_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch() -> None:
+    sampler = EpochShuffleSampler(10, seed=3)
+    epoch0, epoch1 = sampler.order(0), sampler.order(1)
+    assert sorted(epoch0) == list(range(10)) and epoch0 != epoch1
+    assert EpochShuffleSampler(10, seed=3).order(1) == epoch1
+
+    data = [torch.tensor(float(i)) for i in range(10)]
+    loader = ResumableDataLoader(data, seed=3, batch_size=2)
+    loader.epoch_sampler.set_epoch(1)
+    batches = list(loader)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["batches"] == 2
+
+    fresh = ResumableDataLoader(data, seed=3, batch_size=2)
+    fresh.load_state_dict(state)
+    fresh.epoch_sampler.set_epoch(1)  # what Lightning does before the restarted epoch
+    rest = list(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(batches[2:], rest, strict=True))
+    assert len(fresh) == 5  # the epoch keeps its full length for Lightning's counters
+    fresh.epoch_sampler.set_epoch(2)
+    assert len(list(fresh)) == 5  # the skip applied to the restarted epoch only
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """Each item draws from the global torch RNG, like KittiDataset's flip."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([float(index), float(torch.rand(()))])
+
+
+def test_per_sample_draws_are_distinct_and_independent_of_workers() -> None:
+    epochs_by_workers = []
+    for workers in (0, 2):
+        loader = ResumableDataLoader(_RandomItems(), seed=5, batch_size=2, num_workers=workers,
+                                     persistent_workers=workers > 0)
+        epochs = []
+        for epoch in range(2):
+            loader.epoch_sampler.set_epoch(epoch)
+            epochs.append(torch.cat(list(loader)))
+        epochs_by_workers.append(torch.stack(epochs))
+    assert torch.equal(epochs_by_workers[0], epochs_by_workers[1])
+    draws = epochs_by_workers[0][..., 1].flatten()
+    assert len(set(draws.tolist())) == draws.numel()
+
+
+def test_slurm_jobs_get_lightnings_auto_requeue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from fsre_lightning.train import trainer_plugins
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    slurm = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert len(slurm) == 1 and slurm[0].requeue_signal == signal.SIGUSR1
