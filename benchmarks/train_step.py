@@ -1,38 +1,75 @@
-"""Time one optimisation step of FSREModule (forward + loss + backward + Adam), no data loading.
+"""Time one optimisation step (forward + loss + backward + Adam) of FSREModule, no data loading.
 
-    python benchmarks/train_step.py --variant full --height 96 --width 320 --batch 4
-    python benchmarks/train_step.py --variant ce --profile
+    python benchmarks/train_step.py                                  # full model, 96 x 320 x 4
+    python benchmarks/train_step.py --shape 96x320x4 192x640x2 --objective optimised plain
+    python benchmarks/train_step.py --precision 32 bf16 --channels-last 0 1 --checkpointing 0 1
+    python benchmarks/train_step.py --objective reference --reference-dir /tmp/FSRE-Depth
+    python benchmarks/train_step.py --profile                        # top operators
 
-Prints median seconds per step, images per second and peak memory (RSS on CPU, max allocated
-on CUDA). Compare configurations as ratios within one run on one machine.
+Every option takes several values; the script runs every combination. Each configuration runs
+in its own child process (so peak RSS is its own), and the configurations are interleaved
+over `--rounds` rounds: on a machine shared with other work, load changes hit every
+configuration alike, so compare them as ratios within one run. Prints, per configuration, the
+median seconds per step over all rounds, images per second, peak memory (whole-process peak
+RSS on CPU as in the reference's figures, max allocated on CUDA) and the memory the step adds
+on top of the built model.
+
+Objectives:
+- ``optimised``: `fsre_lightning.objective.compute_losses` (what training runs);
+- ``plain``: `tests/plain_objective.py`, the same loss functions composed the straightforward
+  way (per scale and source, identity loss and SSIM target statistics recomputed, every
+  intermediate kept), on the same networks: the saving of the loss code alone;
+- ``reference``: the published FSRE-Depth code (`TrainerParallel`), given a local checkout in
+  `--reference-dir` (ignored in fp32-only / no-option combinations it cannot run). Random
+  init, the options of SPEC section 7. Two shims let it run on CPU and current torchvision:
+  its auto-mask noise calls `.cuda(device)` (mapped to `.to(device)`), and it calls
+  `resnet18(pretrained)` positionally (mapped to `weights=None`). Nothing else is changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from fsre_lightning.geometry import intrinsics_matrix
-from fsre_lightning.module import FSREModule
-
+ROOT = Path(__file__).resolve().parents[1]
 NETWORK = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
-# The rows of SPEC section 8 as (network overrides, loss overrides).
-VARIANTS = {
+# The rows of SPEC section 8 as (network overrides, loss overrides, reference-code options).
+VARIANTS: dict[str, tuple[dict, dict, list[str]]] = {
     "monodepth2": ({"segmentation": False, "cma_scales": []},
-                   {"segmentation_weight": 0.0, "sgt_weight": 0.0}),
-    "ce": ({"cma_scales": []}, {"sgt_weight": 0.0}),
-    "ce_sgt": ({"cma_scales": []}, {}),
-    "ce_cma": ({}, {"sgt_weight": 0.0}),
-    "full": ({}, {}),
+                   {"segmentation_weight": 0.0, "sgt_weight": 0.0}, ["--no_cma", "--sgt", "0"]),
+    "ce": ({"cma_scales": []}, {"sgt_weight": 0.0}, ["--no_cma", "--sgt", "0"]),
+    "ce_sgt": ({"cma_scales": []}, {}, ["--no_cma"]),
+    "ce_cma": ({}, {"sgt_weight": 0.0}, ["--sgt", "0"]),
+    "full": ({}, {}, []),
 }
+OBJECTIVES = ("optimised", "plain", "reference")
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
-def make_batch(batch: int, height: int, width: int, device: torch.device) -> dict:
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'96x320x4' -> (height, width, batch)."""
+    try:
+        h, w, b = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"shape must be HxWxBATCH, got {text!r}") from err
+    return h, w, b
+
+
+def make_batch(batch: int, height: int, width: int, device: torch.device) -> dict[str, Any]:
+    from fsre_lightning.geometry import intrinsics_matrix
+
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(batch, 3, 3, height, width, generator=g)
     K = intrinsics_matrix(height, width).expand(batch, 4, 4).clone()
@@ -48,66 +85,235 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="full")
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32")
-    parser.add_argument("--profile", action="store_true", help="print the top operators")
-    args = parser.parse_args()
+# ----------------------------------------------------------------------------- child process
+def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
+    """(step function, optimizer) for our module with the optimised or the plain objective."""
+    from fsre_lightning.module import FSREModule
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    net_over, loss_over = VARIANTS[args.variant]
+    net_over, loss_over, _ = VARIANTS[cfg["variant"]]
     module = FSREModule(network={**NETWORK, **net_over}, pose_network=POSE, loss=loss_over,
-                        image_log_every_n_steps=0).to(device)
-    if args.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    step_module = torch.compile(module) if args.compile else module
+                        image_log_every_n_steps=0, channels_last=cfg["channels_last"],
+                        compile=cfg["compile"],
+                        gradient_checkpointing=cfg["checkpointing"]).to(device)
     (optimizer,), _ = module.configure_optimizers()
-    batch = make_batch(args.batch, args.height, args.width, device)
-    dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
+    h, w, b = cfg["shape"]
+    batch = make_batch(b, h, w, device)
+    if cfg["objective"] == "plain":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from plain_objective import plain_compute_losses
+
+        def losses() -> torch.Tensor:
+            image = batch["frames_aug"][:, 0]
+            if module.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            outputs = module.net(image)
+            return plain_compute_losses(outputs, batch["frames"], batch["K"], batch["inv_K"],
+                                        module._transforms(batch["frames_aug"]),
+                                        batch["labels"], module.loss_cfg)["total"]
+    else:
+        def losses() -> torch.Tensor:
+            return module._step(batch)[1]["total"]
+    return losses, optimizer
+
+
+def _reference(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
+    """(step function, optimizer) for the published code's TrainerParallel."""
+    import torch.nn.functional as F
+    import torchvision.models as tvm
+
+    ref = Path(cfg["reference_dir"]).resolve()
+    sys.path.insert(0, str(ref))
+    # Shims (see the module docstring): CPU noise device, positional `pretrained` argument.
+    torch.Tensor.cuda = lambda self, device=None, *a, **k: self.to(device)  # type: ignore
+    for name in ("resnet18", "resnet34", "resnet50"):
+        original = getattr(tvm, name)
+        setattr(tvm, name, lambda pretrained=False, _f=original, **k: _f(weights=None, **k))
+    from options import Options  # the reference's own modules
+    from trainer_parallel import TrainerParallel
+
+    h, w, b = cfg["shape"]
+    argv = ["--data_path", str(ref), "--height", str(h), "--width", str(w),
+            "--batch_size", str(b), "--pretrained", "0", *VARIANTS[cfg["variant"]][2]]
+    opt = Options().parser.parse_args(argv)
+    if cfg["variant"] == "monodepth2":
+        opt.semantic_distil = None
+    trainer = TrainerParallel(opt).to(device)
+    trainer.train()
+    optimizer = torch.optim.Adam(trainer.parameters_to_train, opt.learning_rate)
+    ours = make_batch(b, h, w, device)
+    inputs: dict[Any, torch.Tensor] = {"K": ours["K"], "inv_K": ours["inv_K"],
+                                      ("seg", 0, 0): ours["labels"][:, None].float()}
+    for i, f in enumerate(opt.frame_ids):
+        inputs[("color", f, 0)] = inputs[("color_aug", f, 0)] = ours["frames"][:, i]
+    for s in opt.scales[1:]:
+        inputs[("color", 0, s)] = F.avg_pool2d(ours["frames"][:, 0], 2**s)
+
+    def losses() -> torch.Tensor:
+        return trainer(inputs)[0]["loss"]
+    return losses, optimizer
+
+
+def run_child(cfg: dict[str, Any]) -> None:
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    build = _reference if cfg["objective"] == "reference" else _ours
+    losses, optimizer = build(cfg, device)
+    dtype = PRECISIONS[cfg["precision"]]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = peak_memory_mib(device) if device.type == "cuda" else _current_rss_mib()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "16")
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _, losses = step_module._step(batch)
         optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            total = losses()
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(args.warmup):
+    for _ in range(cfg["warmup"]):
         step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
+    times, cpu_times = [], []
+    for _ in range(cfg["steps"]):
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    print(f"variant={args.variant} size={args.height}x{args.width} batch={args.batch} "
-          f"device={device} threads={args.threads} precision={args.precision} "
-          f"channels_last={args.channels_last} compile={args.compile}")
-    print(f"{'s/step (median)':>18} {'images/s':>10} {'peak MiB':>10}")
-    print(f"{median:18.3f} {args.batch / median:10.2f} {peak_memory_mib(device):10.0f}")
-
-    if args.profile:
+        cpu_times.append(time.process_time() - cpu_start)
+    peak = peak_memory_mib(device)
+    print("RESULT " + json.dumps({"times": times, "cpu_times": cpu_times, "peak_mib": peak,
+                                  "step_mib": peak - base}), flush=True)
+    if cfg["profile"]:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             step()
-        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=20))
+        sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=cfg["profile_rows"]), flush=True)
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ---------------------------------------------------------------------------- parent process
+def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for variant, shape, objective, precision, cl, comp, ckpt in itertools.product(
+            args.variant, args.shape, args.objective, args.precision, args.channels_last,
+            args.compile, args.checkpointing):
+        if objective == "reference" and (precision != "32" or cl or comp or ckpt):
+            continue  # the reference runs as published: fp32, no options
+        if objective == "reference" and not args.reference_dir:
+            raise SystemExit("--objective reference needs --reference-dir (a local checkout)")
+        out.append({"variant": variant, "shape": shape, "objective": objective,
+                    "precision": precision, "channels_last": bool(cl), "compile": bool(comp),
+                    "checkpointing": bool(ckpt), "threads": args.threads,
+                    "device": args.device, "warmup": args.warmup, "steps": args.steps,
+                    "profile": args.profile, "profile_rows": args.profile_rows,
+                    "reference_dir": args.reference_dir})
+    return out
+
+
+def label(cfg: dict[str, Any]) -> str:
+    h, w, b = cfg["shape"]
+    opts = [k for k, v in (("nhwc", cfg["channels_last"]), ("compile", cfg["compile"]),
+                           ("ckpt", cfg["checkpointing"])) if v]
+    return (f"{cfg['variant']} {h}x{w} b{b} {cfg['objective']} "
+            f"{'fp' + cfg['precision'] if cfg['precision'] != 'bf16' else 'bf16'}"
+            + (" +" + "+".join(opts) if opts else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", nargs="+", choices=sorted(VARIANTS), default=["full"])
+    parser.add_argument("--shape", nargs="+", type=parse_shape, default=[(96, 320, 4)],
+                        help="HxWxBATCH, e.g. 96x320x4 192x640x2")
+    parser.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=["optimised"])
+    parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), default=["32"])
+    parser.add_argument("--channels-last", nargs="+", type=int, choices=[0, 1], default=[0])
+    parser.add_argument("--compile", nargs="+", type=int, choices=[0, 1], default=[0])
+    parser.add_argument("--checkpointing", nargs="+", type=int, choices=[0, 1], default=[0],
+                        help="gradient checkpointing of the decoder blocks")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds (one child process per config and round)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reference-dir", default=os.environ.get("FSRE_REFERENCE_DIR"),
+                        help="checkout of the published FSRE-Depth code (for --objective "
+                             "reference)")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every child, e.g. "
+                             "65536: large buffers go back to the OS when freed instead of "
+                             "fragmenting the heap (lowers peak RSS; CPU only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print the top operators of one step")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(json.loads(args.child))
+        return
+
+    configs = configurations(args)
+    if args.profile:
+        args.rounds = 1
+    results: dict[int, dict[str, Any]] = {i: {"times": [], "cpu": [], "peak": [], "step": []}
+                                          for i in range(len(configs))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    for rnd in range(args.rounds):
+        for i, cfg in enumerate(configs):
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
+                                  capture_output=True, text=True, env=env)
+            lines = proc.stdout.splitlines()
+            result = next((json.loads(x[7:]) for x in lines if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or result is None:
+                print(f"[{label(cfg)}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results[i]["times"] += result["times"]
+            results[i]["cpu"] += result.get("cpu_times", [])
+            results[i]["peak"].append(result["peak_mib"])
+            results[i]["step"].append(result["step_mib"])
+            print(f"round {rnd + 1}/{args.rounds} {label(cfg)}: "
+                  f"{statistics.median(result['times']):.3f} s/step, "
+                  f"peak {result['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            if args.profile:
+                print(f"\n== top operators: {label(cfg)}")
+                print("\n".join(x for x in lines if not x.startswith("RESULT ")))
+
+    mem = "max alloc MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    print(f"\ndevice={args.device} threads={args.threads} torch={torch.__version__} "
+          f"rounds={args.rounds} steps/round={args.steps} (medians over all timed steps)"
+          + (f" MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""))
+    # CPU seconds of the process: on a shared machine they are much less sensitive than wall
+    # time to other work (a preempted process accrues wall time, not CPU time).
+    header = (f"| config | s/step | images/s | CPU s/step | {mem} | step MiB | "
+              f"x first row s | x first row CPU s | x first row mem |")
+    print(header)
+    print("|" + "---|" * 9)
+    first: tuple[float, float, float] | None = None
+    for i, cfg in enumerate(configs):
+        r = results[i]
+        if not r["times"]:
+            print(f"| {label(cfg)} | failed |" + " |" * 7)
+            continue
+        med, cpu = statistics.median(r["times"]), statistics.median(r["cpu"])
+        peak, step_mib = max(r["peak"]), statistics.median(r["step"])
+        first = first or (med, cpu, peak)
+        print(f"| {label(cfg)} | {med:.3f} | {cfg['shape'][2] / med:.2f} | {cpu:.3f} | "
+              f"{peak:.0f} | {step_mib:.0f} | {med / first[0]:.2f} | {cpu / first[1]:.2f} | "
+              f"{peak / first[2]:.2f} |")
 
 
 if __name__ == "__main__":

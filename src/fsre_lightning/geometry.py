@@ -126,3 +126,36 @@ def warp(
     h, w = depth.shape[-2:]
     grid = project(backproject(depth, inv_K), K, T, h, w)
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def warp_many(
+    sources: torch.Tensor,
+    depth: torch.Tensor,
+    transforms: torch.Tensor,
+    K: torch.Tensor,
+    inv_K: torch.Tensor,
+) -> torch.Tensor:
+    """`warp` of S source frames with one target depth: S x B x C x H x W.
+
+    `sources` is S x B x C x H x W and `transforms` S x B x 4 x 4. The back-projection of the
+    depth is shared by the S sources and all of them are sampled in one grid_sample call;
+    each output equals `warp(sources[i], depth, transforms[i], K, inv_K)`.
+    """
+    if sources.dim() != 5 or sources.shape[-2:] != depth.shape[-2:]:
+        raise ValueError(
+            f"sources must be S x B x C x H x W at the depth's size {tuple(depth.shape[-2:])}, "
+            f"got shape {tuple(sources.shape)}"
+        )
+    n, b, c, h, w = sources.shape
+    points = backproject(depth, inv_K)
+    grid = project(
+        points.repeat(n, 1, 1), K.repeat(n, 1, 1), transforms.reshape(n * b, 4, 4), h, w
+    )
+    out = F.grid_sample(
+        sources.reshape(n * b, c, h, w),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )
+    return out.reshape(n, b, c, h, w)

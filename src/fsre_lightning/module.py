@@ -67,6 +67,9 @@ class FSREModule(pl.LightningModule):
         num_panel_images: int = 2,
         nonfinite: str = "skip",
         nonfinite_max_consecutive: int = 100,
+        channels_last: bool = False,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         network, pose_network = _plain(network), _plain(pose_network)
@@ -83,6 +86,9 @@ class FSREModule(pl.LightningModule):
                 "num_panel_images": num_panel_images,
                 "nonfinite": nonfinite,
                 "nonfinite_max_consecutive": nonfinite_max_consecutive,
+                "channels_last": channels_last,
+                "compile": compile,
+                "gradient_checkpointing": gradient_checkpointing,
             }
         )
         self.net = hydra.utils.instantiate(network)
@@ -110,6 +116,25 @@ class FSREModule(pl.LightningModule):
         self._skip_this_step = False
         self._warned_nonfinite: set[str] = set()
         self._batch_names: list[str] = []
+        self._apply_speed_options(channels_last, compile, gradient_checkpointing)
+
+    def _apply_speed_options(
+        self, channels_last: bool, compile: bool, gradient_checkpointing: bool
+    ) -> None:
+        """Options that change speed and memory, never the maths (benchmarks/README.md)."""
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # Weights in NHWC make the convolutions of both networks produce NHWC as well.
+            self.net.to(memory_format=torch.channels_last)
+            self.pose_net.to(memory_format=torch.channels_last)
+        if gradient_checkpointing:
+            if not hasattr(self.net, "gradient_checkpointing"):
+                raise ValueError("model.gradient_checkpointing: the network does not support it")
+            self.net.gradient_checkpointing = True
+        if compile:
+            # Module.compile keeps the parameter names, so checkpoints stay interchangeable.
+            self.net.compile()
+            self.pose_net.compile()
 
     # ------------------------------------------------------------------ steps
     def forward(self, image: torch.Tensor) -> dict[str, Any]:
@@ -130,7 +155,10 @@ class FSREModule(pl.LightningModule):
                 f"batch has {frames.shape[1]} frames per sample but model.frame_ids is "
                 f"{self.frame_ids}: set data.frame_ids and model.frame_ids alike"
             )
-        outputs = self.net(frames_aug[:, 0])
+        image = frames_aug[:, 0]
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        outputs = self.net(image)
         losses = compute_losses(
             outputs,
             frames,

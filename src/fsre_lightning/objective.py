@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from fsre_lightning.geometry import disp_to_depth, warp
+from fsre_lightning.geometry import disp_to_depth, warp_many
 from fsre_lightning.losses import (
     min_reprojection_loss,
-    photometric_loss,
+    photometric_losses,
     resize_labels,
     segmentation_loss,
     sgt_loss,
     smoothness_loss,
+    ssim_target_stats,
 )
 
 SCALE_WEIGHTINGS = ("reference", "monodepth2")
@@ -85,35 +87,52 @@ def compute_losses(
     labels: torch.Tensor | None,
     cfg: LossConfig,
     generator: torch.Generator | None = None,
+    recompute: bool = True,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one batch.
 
     `frames` is B x F x 3 x H x W (un-augmented, frame 0 first); `transforms[i]` maps frame-0
-    camera points into the camera of frame i + 1. Returns the weighted total under "total",
-    the unweighted terms under their names, and the auto-mask of scale 0 under "automask".
+    camera points into the camera of frame i + 1. `recompute` recomputes the warped images
+    and SSIM maps in backward instead of keeping them (same values, far less memory).
+    Returns the weighted total under "total", the unweighted terms under their names, and the
+    auto-mask of scale 0 under "automask".
     """
     target = frames[:, 0]
-    sources = [frames[:, i] for i in range(1, frames.shape[1])]
+    # S x B x 3 x H x W: every source of a scale goes through one warp and one SSIM call.
+    sources = frames[:, 1:].transpose(0, 1)
+    stacked_transforms = torch.stack(list(transforms))
     size = tuple(target.shape[-2:])
     disps: Mapping[int, torch.Tensor] = outputs["disp"]  # type: ignore[assignment]
     scales = sorted(disps)
+    # The target's SSIM statistics serve every source, the identity maps and every scale.
+    target_stats = ssim_target_stats(target) if cfg.alpha > 0 else None
 
     # The unwarped sources do not depend on the scale: one identity loss map per source.
     identity = (
-        [photometric_loss(src, target, cfg.alpha) for src in sources] if cfg.automask else None
+        list(photometric_losses(sources, target, cfg.alpha, target_stats).unbind(0))
+        if cfg.automask
+        else None
     )
+
+    def reprojection_maps(disp: torch.Tensor, transforms_: torch.Tensor) -> torch.Tensor:
+        _, depth = disp_to_depth(upsample_to(disp, size), cfg.min_depth, cfg.max_depth)
+        warped = warp_many(sources, depth, transforms_, K, inv_K)
+        return photometric_losses(warped, target, cfg.alpha, target_stats)
 
     photometric_terms, smooth_terms = [], []
     automask = None
     for s in scales:
         disp = disps[s]
-        _, depth = disp_to_depth(upsample_to(disp, size), cfg.min_depth, cfg.max_depth)
-        reprojection = [
-            photometric_loss(warp(src, depth, T, K, inv_K), target, cfg.alpha)
-            for src, T in zip(sources, transforms, strict=True)
-        ]
+        if recompute and torch.is_grad_enabled():
+            # The warps and SSIM maps of a scale are ~60 full-resolution images; keeping them
+            # for backward is most of the loss's memory (~15% of the step's peak RSS at
+            # 96 x 320). Saving only the disparity and poses and recomputing that part in
+            # backward costs one more pass of it (a few % of a step on CPU).
+            maps = checkpoint(reprojection_maps, disp, stacked_transforms, use_reentrant=False)
+        else:
+            maps = reprojection_maps(disp, stacked_transforms)
         loss_s, mask_s = min_reprojection_loss(
-            reprojection, identity, noise_std=cfg.identity_noise, generator=generator
+            list(maps.unbind(0)), identity, noise_std=cfg.identity_noise, generator=generator
         )
         if s == scales[0]:
             automask = mask_s

@@ -59,6 +59,57 @@ def photometric_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.
     return alpha * ssim(pred, target).mean(dim=1, keepdim=True) + (1 - alpha) * l1
 
 
+def ssim_target_stats(target: torch.Tensor) -> torch.Tensor:
+    """Box-filtered (mu_y, E[y^2]) of the target, B x 2C x H x W, for `photometric_losses`.
+
+    They depend on the target alone, so a step computes them once and shares them between
+    every source frame, the identity maps and every scale.
+    """
+    if target.dim() != 4:
+        raise ValueError(f"target must be B x C x H x W, got shape {tuple(target.shape)}")
+    return box_blur(torch.cat([target, target * target], dim=1), (3, 3), border_type="reflect")
+
+
+def photometric_losses(
+    preds: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 0.85,
+    target_stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`photometric_loss` of N predictions against one target in one pass: N x B x 1 x H x W.
+
+    `preds` is N x B x C x H x W (e.g. every source frame of a scale); `target_stats` is
+    `ssim_target_stats(target)` (computed here when None). The maths is `photometric_loss`'s,
+    term for term; only the target's statistics are filtered once instead of N times and the
+    N predictions go through one filter call.
+    """
+    if preds.dim() != 5 or preds.shape[1:] != target.shape:
+        raise ValueError(
+            f"preds must be N x {tuple(target.shape)} (N predictions of the target's shape), "
+            f"got shape {tuple(preds.shape)}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    n, b, c, h, w = preds.shape
+    l1 = (preds - target).abs().mean(dim=2, keepdim=True)
+    if alpha == 0.0:
+        return l1
+    if target_stats is None:
+        target_stats = ssim_target_stats(target)
+    mu_y, e_yy = target_stats.split(c, dim=1)
+    x = preds.reshape(n * b, c, h, w)
+    xy = (preds * target).reshape(n * b, c, h, w)
+    stats = box_blur(torch.cat([x, x * x, xy], dim=1), (3, 3), border_type="reflect")
+    mu_x, e_xx, e_xy = (t.reshape(n, b, c, h, w) for t in stats.split(c, dim=1))
+    sigma_x = e_xx - mu_x * mu_x
+    sigma_y = e_yy - mu_y * mu_y
+    sigma_xy = e_xy - mu_x * mu_y
+    numerator = (2 * mu_x * mu_y + SSIM_C1) * (2 * sigma_xy + SSIM_C2)
+    denominator = (mu_x * mu_x + mu_y * mu_y + SSIM_C1) * (sigma_x + sigma_y + SSIM_C2)
+    ssim_map = torch.clamp((1 - numerator / denominator) / 2, 0, 1)
+    return alpha * ssim_map.mean(dim=2, keepdim=True) + (1 - alpha) * l1
+
+
 def _stack_maps(maps: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     if len(maps) == 0:
         raise ValueError(f"{name} must hold at least one loss map")

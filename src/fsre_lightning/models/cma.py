@@ -10,6 +10,13 @@ For a target T and a reference R (both B x C x h x w), H embeddings of width C' 
 
 The attention is per pixel and across embeddings (not across positions), so it is cheap at
 every resolution.
+
+`forward` evaluates the same function with fewer operations (`projected_attention`): the
+score of embedding h is a bilinear form of T and R, t^T (W_k^h^T W_q^h) r + linear terms, and
+W F' = sum_h rho_h (W W_v^h t + W b_v^h); multiplying the small weight matrices first replaces
+the three H * C'-channel maps q, k, v (24 C^2 multiply-adds per pixel with H = 4, r = 2, plus
+2 C^2 for W) by two H * C-channel maps (8 C^2), in time and in memory kept for backward.
+`attention` is the literal formulation (tests compare both).
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fsre_lightning.models.layers import ConvBlock
 
@@ -34,6 +43,13 @@ class CrossTaskAttention(nn.Module):
         scale: "paper" divides the scores by sqrt(C') (eq. 13); "reference" by sqrt(H * C')
             as the published code does.
     """
+
+    # Recompute q, k, v and the attention in backward instead of keeping them (3 tensors of
+    # 2 * H times the features' size). The BatchNorm of `project` stays outside the recomputed
+    # part, so its running statistics are updated once per step as without recomputation.
+    recompute: bool = False
+    # False: the literal q, k, v formulation (`attention`), kept for comparison.
+    fused_weights: bool = True
 
     def __init__(
         self, channels: int, num_heads: int = 4, ratio: float = 2.0, scale: str = "paper"
@@ -79,6 +95,37 @@ class CrossTaskAttention(nn.Module):
         weights = scores.softmax(dim=1) if self.num_heads > 1 else scores
         return (weights.unsqueeze(2) * v).sum(dim=1)
 
+    def projected_attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """W F' (B x C x h x w, before BatchNorm), equal to `project[0](attention(T, R))`."""
+        heads, embed, c = self.num_heads, self.embed_channels, self.channels
+        wq = self.query.weight.view(heads, embed, c)
+        wk = self.key.weight.view(heads, embed, c)
+        wv = self.value.weight.view(heads, embed, c)
+        bq = self.query.bias.view(heads, embed)
+        bk = self.key.bias.view(heads, embed)
+        bv = self.value.bias.view(heads, embed)
+        wp = self.project[0].weight.view(c, embed)
+        # <W_k t + b_k, W_q r + b_q> = t . (W_k^T W_q r + W_k^T b_q) + (W_q^T b_k) . r + b_k . b_q
+        bilinear = torch.einsum("hkc,hkd->hcd", wk, wq).reshape(heads * c, c)
+        r_weight = torch.cat([bilinear, torch.einsum("hkd,hk->hd", wq, bk)])
+        r_bias = torch.cat([torch.einsum("hkc,hk->hc", wk, bq).reshape(-1), (bk * bq).sum(1)])
+        on_reference = F.conv2d(reference, r_weight[..., None, None], r_bias)
+        b, _, h, w = target.shape
+        per_head = on_reference[:, : heads * c].view(b, heads, c, h, w)
+        scores = (target.unsqueeze(1) * per_head).sum(dim=2) + on_reference[:, heads * c :]
+        scores = scores / self.temperature  # B x H x h x w
+        weights = scores.softmax(dim=1) if self.num_heads > 1 else scores
+        # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h)
+        t_weight = torch.einsum("ck,hkd->hcd", wp, wv).reshape(heads * c, c)
+        t_bias = torch.einsum("ck,hk->hc", wp, bv).reshape(-1)
+        values = F.conv2d(target, t_weight[..., None, None], t_bias).view(b, heads, c, h, w)
+        return (weights.unsqueeze(2) * values).sum(dim=1)
+
+    def _projected(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        if self.fused_weights:
+            return self.projected_attention(target, reference)
+        return self.project[0](self.attention(target, reference))
+
     def forward(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Fused target features, same shape as `target`."""
         if target.shape != reference.shape:
@@ -89,5 +136,9 @@ class CrossTaskAttention(nn.Module):
             raise ValueError(
                 f"expected B x {self.channels} x h x w features, got {tuple(target.shape)}"
             )
-        fused = self.project(self.attention(target, reference))
+        if self.recompute and torch.is_grad_enabled():
+            projected = checkpoint(self._projected, target, reference, use_reentrant=False)
+        else:
+            projected = self._projected(target, reference)
+        fused = self.project[1](projected)  # BatchNorm, outside any recomputation
         return self.fuse(torch.cat([target, fused], dim=1))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fsre_lightning.models.cma import ATTENTION_SCALES, CrossTaskAttention
 from fsre_lightning.models.decoder import DECODER_CHANNELS, NUM_SCALES, MonodepthDecoder
@@ -57,7 +58,24 @@ class FSRENetwork(nn.Module):
     features of both decoders (as the reference code does) and their outputs replace the
     decoder features. `cma_depth[str(s)]` refines depth (segmentation as reference),
     `cma_seg[str(s)]` refines segmentation.
+
+    `gradient_checkpointing = True` recomputes the decoder blocks and CMA's attention in
+    backward instead of keeping their activations (same values and gradients). CMA's BatchNorm
+    stays outside the recomputed parts: recomputing it would update its running statistics a
+    second time.
     """
+
+    _gradient_checkpointing: bool = False
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self._gradient_checkpointing = bool(value)
+        for cma in [*self.cma_depth.values(), *self.cma_seg.values()]:
+            cma.recompute = bool(value)
 
     def __init__(
         self,
@@ -140,10 +158,17 @@ class FSRENetwork(nn.Module):
         x_s = feats[-1]
         disp: dict[int, torch.Tensor] = {}
         depth_features: dict[int, torch.Tensor] = {}
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+
+        def run(decoder: MonodepthDecoder, s: int, x: torch.Tensor) -> torch.Tensor:
+            if recompute:
+                return checkpoint(decoder.block, s, x, feats, use_reentrant=False)
+            return decoder.block(s, x, feats)
+
         for s in range(NUM_SCALES - 1, -1, -1):
-            x_d = self.depth_decoder.block(s, x_d, feats)
+            x_d = run(self.depth_decoder, s, x_d)
             if self.seg_decoder is not None:
-                x_s = self.seg_decoder.block(s, x_s, feats)
+                x_s = run(self.seg_decoder, s, x_s)
                 key = str(s)
                 new_d = self.cma_depth[key](x_d, x_s) if key in self.cma_depth else x_d
                 new_s = self.cma_seg[key](x_s, x_d) if key in self.cma_seg else x_s
