@@ -5,6 +5,12 @@ from fsre_lightning.models.decoder import MonodepthDecoder
 from fsre_lightning.models.encoder import FeatureEncoder, PretrainedWeightsNotFound, build_encoder
 from fsre_lightning.models.fsre import FSRENetwork
 from fsre_lightning.models.pose import PoseNetwork
+from fsre_lightning.models.release import (
+    ReferenceRelease,
+    ReleaseFormatError,
+    load_reference_release,
+    save_reference_release,
+)
 
 __all__ = [
     "CrossTaskAttention",
@@ -13,5 +19,9 @@ __all__ = [
     "MonodepthDecoder",
     "PoseNetwork",
     "PretrainedWeightsNotFound",
+    "ReferenceRelease",
+    "ReleaseFormatError",
     "build_encoder",
+    "load_reference_release",
+    "save_reference_release",
 ]
