@@ -54,12 +54,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checkpoint_input_size(ckpt_path: Path) -> tuple[int | None, int | None]:
+    """(height, width) stored as `input_size` in a checkpoint, or (None, None).
+
+    An unreadable file also gives (None, None): `load_module` reports it with its own message.
+    """
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+        return None, None
+    size = checkpoint.get("input_size") if isinstance(checkpoint, dict) else None
+    if isinstance(size, list | tuple) and len(size) == 2:
+        return size[0], size[1]
+    return None, None
+
+
 def training_resolution(cfg: DictConfig, ckpt_path: Path) -> tuple[int, int, str]:
     """(height, width, where they came from) of the network input.
 
     In order: `height`/`width` of this config; data.height/width of the training run's
-    config.yaml (the run folder holds checkpoints/ and config.yaml); this config's data.height/
-    width. A network evaluated at another size than it was trained at scores worse.
+    config.yaml (the run folder holds checkpoints/ and config.yaml); the checkpoint's
+    `input_size` (written by `import_reference`); this config's data.height/width. A network
+    evaluated at another size than it was trained at scores worse.
     """
     height, width, source = cfg.get("height"), cfg.get("width"), "height/width"
     if (height is None) != (width is None):
@@ -71,7 +87,13 @@ def training_resolution(cfg: DictConfig, ckpt_path: Path) -> tuple[int, int, str
         width = OmegaConf.select(saved, "data.width") if saved is not None else None
         source = f"the training run's {run_config}"
         if height is None or width is None:
-            height, width, source = cfg.data.height, cfg.data.width, "data.height/data.width"
+            height, width = checkpoint_input_size(ckpt_path)
+            source = f"{ckpt_path}'s input_size (an imported release's training size)"
+        if height is None or width is None:
+            # predict/export have no data group: None then fails below, naming the keys
+            height, width = (OmegaConf.select(cfg, "data.height"),
+                             OmegaConf.select(cfg, "data.width"))
+            source = "data.height/data.width"
     for key, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value <= 0 or value % 32:
             raise ConfigError(f"{key}={value!r} (from {source}) is not allowed: the network "

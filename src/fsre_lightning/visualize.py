@@ -70,6 +70,29 @@ def overlay(image: torch.Tensor, colours: torch.Tensor, alpha: float = 0.5) -> t
     return (1 - alpha) * image + alpha * colours
 
 
+def depth_overlay(image: torch.Tensor, disp: torch.Tensor, alpha: float = 0.5,
+                  cmap: str = "plasma") -> torch.Tensor:
+    """Colour-mapped disparity (B x 1 x H x W) blended over images (B x 3 x H x W in [0, 1])."""
+    return overlay(image, colorize_disparity(disp, cmap=cmap), alpha)
+
+
+def side_by_side(images: list[torch.Tensor]) -> torch.Tensor:
+    """3 x H x W images placed left to right; each is resized (bilinear) to the first's height.
+
+    One video frame of `fsre_lightning.predict`: input | depth | segmentation.
+    """
+    height = images[0].shape[-2]
+    out = []
+    for image in images:
+        image = image.detach().float().cpu()
+        if image.shape[-2] != height:
+            width = max(1, round(image.shape[-1] * height / image.shape[-2]))
+            image = torch.nn.functional.interpolate(image[None], size=(height, width),
+                                                    mode="bilinear", align_corners=False)[0]
+        out.append(image)
+    return torch.cat(out, dim=-1).clamp(0, 1)
+
+
 def make_panel(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack same-width B x 3 x H x W images vertically, per sample, then samples side by side.
 

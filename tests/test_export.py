@@ -1,0 +1,83 @@
+"""`python -m fsre_lightning.export`: ONNX and TorchScript graphs that match PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fsre_lightning.checkpointing import CheckpointMismatchError
+from fsre_lightning.config import ConfigError
+from fsre_lightning.export import run, sample_input
+from fsre_lightning.inference import build_inference_model, load_trained_module
+from fsre_lightning.train import CONFIG_DIR
+from tiny_checkpoint import make_mismatched, make_run
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+def _cfg(tmp_path: Path, overrides: list[str]):
+    base = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'outputs'}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("export", overrides=[*base, *overrides])
+
+
+def _reference(ckpt: Path, image: torch.Tensor, segmentation: bool) -> list[np.ndarray]:
+    module = load_trained_module(ckpt, torch.device("cpu"))
+    model = build_inference_model(module, ckpt, segmentation)
+    with torch.inference_mode():
+        return [t.numpy() for t in model(image)]
+
+
+def test_onnx_runs_in_onnxruntime_with_any_batch(tmp_path: Path, ckpt: Path, capsys) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = tmp_path / "model.onnx"
+    summary = run(_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=onnx", f"output={path}",
+                                  "segmentation=true"]))
+    assert "max abs difference" in capsys.readouterr().out
+    assert summary["disp"] <= 1e-4 and summary["depth_rel"] <= 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["disp", "depth", "segmentation"]
+    image = sample_input(1, (64, 192), seed=5)  # a batch size neither exported nor checked
+    disp, depth, labels = session.run(None, {"image": image.numpy()})
+    ref_disp, ref_depth, ref_labels = _reference(ckpt, image, segmentation=True)
+    assert disp.shape == (1, 1, 64, 192) and labels.shape == (1, 64, 192)
+    np.testing.assert_allclose(disp, ref_disp, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(depth, ref_depth, rtol=1e-4)
+    assert np.mean(labels == ref_labels) > 0.999
+
+
+def test_torchscript_matches_pytorch(tmp_path: Path, ckpt: Path) -> None:
+    summary = run(_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=torchscript"]))
+    path = Path(summary["path"])
+    assert path == ckpt.with_suffix(".torchscript.pt") and path.is_file()
+    loaded = torch.jit.load(str(path))
+    image = sample_input(4, (64, 192), seed=7)
+    with torch.inference_mode():
+        disp, depth = loaded(image)
+    ref_disp, ref_depth = _reference(ckpt, image, segmentation=False)
+    assert disp.shape == (4, 1, 64, 192)
+    np.testing.assert_allclose(disp.numpy(), ref_disp, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(depth.numpy(), ref_depth, rtol=1e-4)
+
+
+def test_bad_checkpoints_and_options_are_named(tmp_path: Path, ckpt: Path) -> None:
+    other = make_mismatched(tmp_path / "swapped.ckpt")
+    with pytest.raises(CheckpointMismatchError, match=r"swapped\.ckpt"):
+        run(_cfg(tmp_path, [f"ckpt_path={other}", "format=torchscript", "height=64",
+                            "width=192"]))
+    baseline = make_run(tmp_path / "baseline", segmentation=False)
+    with pytest.raises(ConfigError, match="no segmentation decoder"):
+        run(_cfg(tmp_path, [f"ckpt_path={baseline}", "segmentation=true"]))
+    with pytest.raises(ConfigError, match="format='tflite'"):
+        run(_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=tflite"]))
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+        run(_cfg(tmp_path, [f"ckpt_path={tmp_path / 'missing.ckpt'}"]))

@@ -1,0 +1,52 @@
+"""A randomly initialised checkpoint in a run folder, for the predict and export tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from fsre_lightning.module import FSREModule
+
+POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18",
+        "pretrained": False}
+
+
+def network(segmentation: bool = True) -> dict[str, Any]:
+    return {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18",
+            "pretrained": False, "segmentation": segmentation,
+            "cma_scales": [4, 3, 2] if segmentation else []}
+
+
+def save_checkpoint(module: FSREModule, path: Path) -> Path:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def make_run(run_dir: Path, segmentation: bool = True, height: int = 64, width: int = 192
+             ) -> Path:
+    """run_dir/checkpoints/last.ckpt and the run's config.yaml (training size, intrinsics)."""
+    torch.manual_seed(0)
+    module = FSREModule(network=network(segmentation), pose_network=POSE,
+                        image_log_every_n_steps=0)
+    ckpt = save_checkpoint(module, run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "config.yaml").write_text(
+        f"data:\n  height: {height}\n  width: {width}\n  intrinsics: [0.58, 1.92, 0.5, 0.5]\n")
+    return ckpt
+
+
+def make_mismatched(path: Path) -> Path:
+    """A Monodepth2 checkpoint whose hyper-parameters claim the full model (as when a run
+    folder's checkpoint is swapped for another model's)."""
+    torch.manual_seed(0)
+    module = FSREModule(network=network(False), pose_network=POSE, image_log_every_n_steps=0)
+    save_checkpoint(module, path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["network"] = network(True)
+    torch.save(checkpoint, path)
+    return path
