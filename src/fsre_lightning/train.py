@@ -4,6 +4,7 @@ With no overrides it trains the full model on the built-in synthetic scenes (gen
 use). Each run folder gets checkpoints/ (best and last), config.yaml (the resolved config) and
 metrics.json (validation metrics before, if asked, and after training).
 
+`init_weights=<ckpt or release folder>` starts a fine-tuning run from those weights;
 `ckpt_path=<file>|last|auto` resumes exactly (see README "Interrupting and resuming"); SIGTERM
 saves checkpoints/last.ckpt and exits with PREEMPTED_EXIT_CODE and the command to resume.
 """
@@ -25,6 +26,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -35,12 +37,14 @@ from fsre_lightning.checkpointing import (
     check_state_dict_compatible,
     find_last_checkpoint,
     load_checkpoint_weights_only,
+    load_initial_weights,
 )
 from fsre_lightning.config import ConfigError, validate_config
 from fsre_lightning.data import DataError
 from fsre_lightning.metrics import DEPTH_METRIC_KEYS
 from fsre_lightning.models import PretrainedWeightsNotFound
 from fsre_lightning.module import NonFiniteLossError, metric_summary
+from fsre_lightning.sweep import install_ddp_launcher_fix, per_process_batch, world_size
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +129,54 @@ def trainer_plugins() -> list[Any]:
     return plugins
 
 
+def apply_effective_batch(cfg: DictConfig) -> None:
+    """`effective_batch_size` set: data.batch_size becomes its share per process."""
+    effective = cfg.get("effective_batch_size")
+    if effective is None:
+        return
+    processes = world_size(cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1))
+    if processes is None:
+        raise ConfigError(f"effective_batch_size={effective} needs a device count: set "
+                          f"trainer.devices to a number (it is {cfg.trainer.get('devices')!r})")
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    try:
+        batch = per_process_batch(effective, processes, accumulate)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    with open_dict(cfg):
+        cfg.data.batch_size = batch
+    log.info("effective batch %d = %d process(es) x %d x %d accumulated", effective, processes,
+             batch, accumulate)
+
+
+def log_run_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
+    """Every logger gets the whole resolved config (data, trainer, seed ...), not only the
+    model's hyper-parameters, so runs of a sweep can be filtered by any key."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+def finish_loggers(trainer: pl.Trainer, results: Mapping[str, Any]) -> None:
+    """The final evaluation table to wandb, then close the wandb run: the next member of a
+    --multirun, in this same process, must start its own run instead of reusing this one."""
+    rows = [(stage, results[stage]) for stage in ("before", "after") if stage in results]
+    keys = [k for k in (*DEPTH_METRIC_KEYS, "miou") if any(k in r for _, r in rows)]
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "WandbLogger" or not trainer.is_global_zero:
+            continue
+        if rows:
+            logger.log_table(key="eval/final", columns=["stage", *keys],
+                             data=[[stage, *(r.get(k) for k in keys)] for stage, r in rows])
+        logger.experiment.summary.update(
+            {f"final/{k}": v for k, v in results.get("after", {}).items()})
+        logger.experiment.finish()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (and evaluate) as the config says; returns what metrics.json holds."""
     validate_config(cfg, "train")
+    apply_effective_batch(cfg)
     run_dir = Path(cfg.paths.run_dir)
     ckpt_path = resolve_ckpt_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +189,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     choose_monitor(cfg, datamodule)
 
     module = hydra.utils.instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
+    if cfg.get("init_weights") and ckpt_path is None:
+        log.info(load_initial_weights(module, cfg.init_weights))
     if ckpt_path is not None:
         # Another architecture fails here, naming the keys, not deep inside Lightning's restore.
         checkpoint = load_checkpoint_weights_only(ckpt_path)
@@ -148,7 +199,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", ckpt_path)
         with open_dict(cfg):
             cfg.ckpt_path = str(ckpt_path)  # config.yaml records the file actually resumed
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this entry point into the same folder
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=instantiate_group(cfg.get("logger")) or False,
@@ -156,6 +208,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint()],
         plugins=trainer_plugins(),
     )
+    log_run_config(trainer, cfg)
 
     results: dict[str, Any] = {}
     if cfg.get("eval_before"):
@@ -184,6 +237,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["checkpoints"] = {"last": str(last), "best": best[0] if best else None}
     results["global_step"] = trainer.global_step
     results["resumed_from"] = str(ckpt_path) if ckpt_path else None
+    if not trainer.is_global_zero:  # DDP: the metrics are synced; rank 0 writes and prints
+        return results
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
 
     summary = {k: results[k] for k in ("before", "after") if k in results}
@@ -194,6 +249,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print_metrics(summary, "validation metrics")
     Console().print(f"run folder: {run_dir}", soft_wrap=True)
     print_wandb_sync_hint(trainer)
+    finish_loggers(trainer, results)
     return results
 
 
@@ -226,6 +282,8 @@ def run_or_exit(command: str, job: Callable[[DictConfig], Any], cfg: DictConfig)
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    # DDP's other ranks must re-run this job, not the whole --multirun (fsre_lightning.sweep).
+    install_ddp_launcher_fix()
     run_or_exit("train", run, cfg)
 
 
