@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 NUM_SCALES = 5  # decoder blocks s = 0..4 (SPEC section 1)
 CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().parents[2] / "conf"))
-ENTRIES = ("train", "evaluate", "export_gt")
+ENTRIES = ("train", "evaluate", "export_gt", "predict", "export")
 ON_ERROR = ("raise", "skip")
 NONFINITE = ("skip", "stop")
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed",
@@ -192,7 +192,23 @@ def validate_data(cfg: DictConfig) -> None:
     if intrinsics is not None:
         _check(isinstance(intrinsics, ListConfig | list) and len(intrinsics) == 4
                and all(_is_number(v) and v > 0 for v in intrinsics), "data.intrinsics",
-               intrinsics, "four positive numbers: normalised fx, fy, cx, cy")
+               intrinsics, "four positive numbers: fx, fy, cx, cy, normalised (or pixels "
+               "with data=video_folder's data.intrinsics_units=pixels)")
+    # data=video_folder
+    if str(_get(cfg, "data._target_", "")).endswith(".VideoFolderDataModule"):
+        for key, what in (("data.root", "the folder with one subfolder of frames per sequence"),
+                          ("data.intrinsics", "your camera's [fx, fy, cx, cy], normalised or "
+                                              "in pixels (data.intrinsics_units=pixels)")):
+            _check(_get(cfg, key) is not None, key, None, f"required with data=video_folder: "
+                   f"{what}")
+    _choice(cfg, "data.intrinsics_units", ("normalized", "pixels"))
+    _number(cfg, "data.val_fraction", lo=0, hi=1, strict=True)
+    _check(_get(cfg, "data.val_fraction", 0.5) != 1, "data.val_fraction",
+           _get(cfg, "data.val_fraction"), "a number in (0, 1): some frames must train")
+    _int(cfg, "data.split_seed")
+    _int(cfg, "data.pseudo_label_batch_size", lo=1)
+    for key in ("work_dir", "pseudo_label_model"):
+        _string(cfg, f"data.{key}", nullable=True)
     _number(cfg, "data.min_depth_eval", lo=0, strict=True)
     lo, hi = _get(cfg, "data.min_depth_eval"), _get(cfg, "data.max_depth_eval")
     if hi is not None:
@@ -219,6 +235,8 @@ def validate_model(cfg: DictConfig) -> None:
     _int(cfg, "model.num_panel_images", lo=1)
     _choice(cfg, "model.nonfinite", NONFINITE)
     _int(cfg, "model.nonfinite_max_consecutive", lo=1)
+    for key in ("channels_last", "compile", "gradient_checkpointing"):
+        _bool(cfg, f"model.{key}")
     data_ids, model_ids = _get(cfg, "data.frame_ids"), _get(cfg, "model.frame_ids")
     if model_ids is not None:
         _frame_ids("model.frame_ids", model_ids)
@@ -238,6 +256,11 @@ def validate_model(cfg: DictConfig) -> None:
     _string(cfg, f"{net}.encoder")
     for key in (f"{net}.pretrained", "model.pose_network.pretrained"):
         _choice(cfg, key, ("auto", True, False))
+    init_t = _get(cfg, "model.pose_network.init_translation", ABSENT)
+    if init_t is not ABSENT:
+        _check(isinstance(init_t, ListConfig | list) and len(init_t) == 3
+               and all(_is_number(v) for v in init_t), "model.pose_network.init_translation",
+               init_t, "three numbers (x, y, z); forward motion is (0, 0, -t)")
     targets = _get(cfg, f"{net}.cma_targets")
     if targets is not None:
         _check(isinstance(targets, ListConfig | list) and len(targets) > 0
@@ -332,9 +355,11 @@ def validate_trainer(cfg: DictConfig) -> None:
 
 def validate_top(cfg: DictConfig) -> None:
     _int(cfg, "seed")
+    _int(cfg, "effective_batch_size", lo=1, nullable=True)
     _bool(cfg, "eval_before")
     _string(cfg, "name")
-    for key in ("ckpt_path", "summary_path", "metrics_path", "semantics_dir", "output"):
+    for key in ("ckpt_path", "summary_path", "metrics_path", "semantics_dir", "output",
+                "init_weights"):
         if key != "ckpt_path" or not OmegaConf.is_missing(cfg, key):
             _string(cfg, key, nullable=True)
     for key in ("height", "width"):  # evaluate's network input
@@ -344,12 +369,40 @@ def validate_top(cfg: DictConfig) -> None:
                    "null (the training run's) or a positive multiple of 32")
     for key in ("post_process", "median_scaling", "progress"):
         _bool(cfg, key)
+    # ckpt_path=auto goes with init_weights: a requeued job resumes, the first one initialises.
+    if _get(cfg, "init_weights") and _get(cfg, "ckpt_path") not in (None, "", "auto"):
+        raise ConfigError(f"init_weights={_get(cfg, 'init_weights')!r} and ckpt_path="
+                          f"{_get(cfg, 'ckpt_path')!r}: a resumed run restores its own weights; "
+                          "give init_weights to start a fine-tuning run, ckpt_path to resume "
+                          "(ckpt_path=auto: resume when there is a run to resume, else init)")
     device = _get(cfg, "device")
     if device is not None:
         _check(isinstance(device, str) and (device in ("auto", "cpu", "cuda", "mps")
                                             or device.startswith("cuda:")),
                "device", device, "auto, cpu, cuda, cuda:<index> or mps")
     _choice(cfg, "subset", ("test", "val"))
+
+
+def validate_inference(cfg: DictConfig) -> None:
+    """Keys of `predict` and `export` (top level; absent in the other entry configs)."""
+    _string(cfg, "input")
+    _choice(cfg, "resolution", ("input", "network"))
+    _int(cfg, "batch_size", lo=1)
+    _int(cfg, "opset", lo=7)
+    for key in ("segmentation", "side_by_side", "save_arrays", "overlay"):
+        _bool(cfg, key)
+    _choice(cfg, "format", ("onnx", "torchscript"))
+    _number(cfg, "tolerance", lo=0, strict=True)
+    for key in ("fps", "scale_factor", "camera_height"):
+        _number(cfg, key, lo=0, strict=True, nullable=True)
+    if _get(cfg, "scale_factor") is not None and _get(cfg, "camera_height") is not None:
+        raise ConfigError(f"scale_factor={_get(cfg, 'scale_factor')!r} and camera_height="
+                          f"{_get(cfg, 'camera_height')!r}: give one of them (or neither)")
+    intrinsics = _get(cfg, "intrinsics")
+    if intrinsics is not None:
+        _check(isinstance(intrinsics, ListConfig | list) and len(intrinsics) == 4
+               and all(_is_number(v) and v > 0 for v in intrinsics), "intrinsics",
+               intrinsics, "null or four positive numbers: normalised fx, fy, cx, cy")
 
 
 # --------------------------------------------------------------------------- unknown keys
@@ -452,15 +505,15 @@ def validate_keys(cfg: DictConfig, entry: str | None = None) -> None:
 
 VALIDATORS: tuple[Callable[[DictConfig], None], ...] = (
     validate_data, validate_model, validate_loss, validate_optim, validate_trainer,
-    validate_top,
+    validate_top, validate_inference,
 )
 
 
 def validate_config(cfg: DictConfig, entry: str | None = None) -> DictConfig:
     """Check a composed config before any work; raises ConfigError naming the first bad key.
 
-    `entry` (train, evaluate, export_gt) also restricts the top-level keys to that entry
-    point's config file.
+    `entry` (one of ENTRIES: train, evaluate, export_gt, predict, export) also restricts the
+    top-level keys to that entry point's config file.
     """
     validate_keys(cfg, entry)
     for validator in VALIDATORS:
