@@ -373,6 +373,24 @@ def test_pose_transform_direction(monkeypatch: pytest.MonkeyPatch, source_id: in
         pose.transform(target, source, 0)
 
 
+
+def test_pose_init_translation_shifts_the_untrained_prediction() -> None:
+    torch.manual_seed(0)
+    plain = PoseNetwork().eval()
+    torch.manual_seed(0)
+    forward = PoseNetwork(init_translation=(0.0, 0.0, -0.02)).eval()
+    a, b = _image(2), _image(2)
+    with torch.no_grad():
+        (rot0, t0), (rot1, t1) = plain(a, b), forward(a, b)
+        T = forward.transform(a, b, 1)
+    torch.testing.assert_close(rot1, rot0)
+    torch.testing.assert_close(t1 - t0, torch.tensor([[0.0, 0.0, -0.02]]).expand(2, 3),
+                               rtol=0, atol=1e-6)
+    # Future source [target, source]: points move towards the camera, z decreases.
+    torch.testing.assert_close(T[:, 2, 3], t1[:, 2], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="init_translation"):
+        PoseNetwork(init_translation=(0.0, 1.0))
+
 # ----------------------------------------------------------------------------- pretrained
 
 

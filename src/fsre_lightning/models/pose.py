@@ -3,11 +3,18 @@
 A separate ResNet takes two frames stacked on channels (6 inputs); its deepest map goes through
 the pose decoder (1x1 512->256, ReLU, 3x3 256->256, ReLU, 3x3 256->256, ReLU, 1x1 256->6),
 averaged over space and scaled by 0.01: 3 axis-angle values, then 3 translation values.
+
+`init_translation` sets the motion the untrained network predicts (the last layer's bias; its
+weights stay random). Zero is Monodepth2's. Training from scratch (no ImageNet weights), a zero
+start lets the pose lock onto a vertical translation that explains the road's image motion for
+the untrained, constant depth, and depth never leaves that state; starting from forward motion,
+(0, 0, -t) in `transform`'s convention, avoids it (see the demo experiment).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,6 +39,7 @@ class PoseNetwork(nn.Module):
         encoder: str = "resnet18",
         pretrained: bool | str = False,
         weights_path: str | os.PathLike[str] | None = None,
+        init_translation: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> None:
         super().__init__()
         self.encoder = build_encoder(
@@ -47,6 +55,12 @@ class PoseNetwork(nn.Module):
             nn.ReLU(),
             nn.Conv2d(256, 6, kernel_size=1),
         )
+        if len(init_translation) != 3:
+            raise ValueError(f"init_translation must be 3 numbers (x, y, z), "
+                             f"got {init_translation!r}")
+        with torch.no_grad():
+            bias = self.decoder[-1].bias
+            bias[3:] += torch.tensor([float(v) for v in init_translation]) / POSE_SCALE
 
     def forward(
         self, frame_a: torch.Tensor, frame_b: torch.Tensor
