@@ -20,7 +20,6 @@ import inspect
 import itertools
 import json
 import logging
-import pickle
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fsre_lightning.checkpointing import load_checkpoint_weights_only
 from fsre_lightning.config import ConfigError, validate_config
 from fsre_lightning.data.kitti import (
     IMAGE_EXTENSIONS,
@@ -60,10 +60,9 @@ def checkpoint_input_size(ckpt_path: Path) -> tuple[int | None, int | None]:
     An unreadable file also gives (None, None): `load_module` reports it with its own message.
     """
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+        size = load_checkpoint_weights_only(ckpt_path).get("input_size")
+    except (OSError, ValueError):  # missing or unreadable (CheckpointMismatchError)
         return None, None
-    size = checkpoint.get("input_size") if isinstance(checkpoint, dict) else None
     if isinstance(size, list | tuple) and len(size) == 2:
         return size[0], size[1]
     return None, None
@@ -110,13 +109,8 @@ def load_module(ckpt_path: Path, device: torch.device) -> FSREModule:
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint (training "
                                 "writes them to <run folder>/checkpoints/)")
-    try:
-        # mmap: only the hyper-parameters are read here, not the weights.
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise DataError(f"{ckpt_path} cannot be read as a weights-only PyTorch checkpoint "
-                        f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    # Only the hyper-parameters are looked at here (the reader maps the weights, not reads them).
+    hparams = load_checkpoint_weights_only(ckpt_path).get("hyper_parameters")
     if not isinstance(hparams, dict) or not {"network", "pose_network"} <= set(hparams):
         raise DataError(f"{ckpt_path} is not an FSREModule checkpoint: its hyper_parameters "
                         "lack network/pose_network")
