@@ -24,6 +24,10 @@ Objectives:
   init, the options of SPEC section 7. Two shims let it run on CPU and current torchvision:
   its auto-mask noise calls `.cuda(device)` (mapped to `.to(device)`), and it calls
   `resnet18(pretrained)` positionally (mapped to `weights=None`). Nothing else is changed.
+- ``networks``: the same networks (depth encoder and decoders, CMA, both pose pairs) forward
+  and backward with a trivial loss (the mean of every output) and the same Adam step: the
+  floor that no loss-side optimisation can go below, since the reference runs the same
+  convolutions.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ VARIANTS: dict[str, tuple[dict, dict, list[str]]] = {
     "ce_cma": ({}, {"sgt_weight": 0.0}, ["--sgt", "0"]),
     "full": ({}, {}, []),
 }
-OBJECTIVES = ("optimised", "plain", "reference")
+OBJECTIVES = ("optimised", "plain", "reference", "networks")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -110,6 +114,15 @@ def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
             return plain_compute_losses(outputs, batch["frames"], batch["K"], batch["inv_K"],
                                         module._transforms(batch["frames_aug"]),
                                         batch["labels"], module.loss_cfg)["total"]
+    elif cfg["objective"] == "networks":
+        def losses() -> torch.Tensor:
+            image = batch["frames_aug"][:, 0]
+            if module.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            outputs = module.net(image)
+            maps = [*outputs["disp"].values(), outputs.get("seg_logits")]
+            poses = module._transforms(batch["frames_aug"])
+            return sum(t.mean() for t in [*maps, *poses] if t is not None)
     else:
         def losses() -> torch.Tensor:
             return module._step(batch)[1]["total"]

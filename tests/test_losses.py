@@ -16,6 +16,7 @@ from fsre_lightning.losses import (
     smoothness_loss,
     ssim,
 )
+from fsre_lightning.losses.photometric import box_filter3x3
 
 
 def _direct_ssim(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -45,11 +46,23 @@ def _direct_ssim(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return np.clip((1 - n / d) / 2, 0, 1)
 
 
-def test_kornia_reflect_box_blur_matches_reflection_pad() -> None:
-    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
-    ours = box_blur(x, (3, 3), border_type="reflect")
+def test_box_filter_matches_reflection_padded_average_pool_and_kornia() -> None:
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    ours = box_filter3x3(x)
     ref = F.avg_pool2d(torch.nn.ReflectionPad2d(1)(x), kernel_size=3, stride=1)
-    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, box_blur(x, (3, 3), border_type="reflect"))
+    # Corner by hand: reflection mirrors row/column 1 into the padding.
+    corner = x[0, 0, :2, :2].detach()
+    by_hand = (corner[0, 0] + 2 * corner[0, 1] + 2 * corner[1, 0] + 4 * corner[1, 1]) / 9
+    torch.testing.assert_close(ours[0, 0, 0, 0].detach(), by_hand)
+    grad = torch.rand_like(ours)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(box_filter3x3, (x,))
+    with pytest.raises(ValueError, match="H, W >= 2"):
+        box_filter3x3(torch.rand(1, 1, 1, 5))
 
 
 def test_ssim_matches_direct_box_window_implementation() -> None:

@@ -71,6 +71,26 @@ def test_pose_network_gets_its_own_learning_rate() -> None:
     assert len(depth_group["params"]) + len(pose_group["params"]) == n_all
 
 
+def test_adam_is_fused_by_default_and_matches_the_per_parameter_loop() -> None:
+    module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE)
+    (fused,), _ = module.configure_optimizers()
+    assert fused.defaults["fused"] is True
+    looped_module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
+                               optimizer={"fused": False})
+    looped_module.load_state_dict(module.state_dict())
+    (looped,), _ = looped_module.configure_optimizers()
+    assert not looped.defaults["fused"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # a few steps, so the moments and the bias correction are exercised
+        for a, b in zip(module.parameters(), looped_module.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fused.step()
+        looped.step()
+    for a, b in zip(module.parameters(), looped_module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_one_training_step_updates_every_used_parameter(variant: str) -> None:
     torch.manual_seed(0)

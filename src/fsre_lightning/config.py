@@ -231,6 +231,7 @@ def validate_data(cfg: DictConfig) -> None:
 def validate_model(cfg: DictConfig) -> None:
     _positive(cfg, ["model.optimizer.lr", "model.optimizer.pose_lr_scale"], strict=True)
     _number(cfg, "model.optimizer.weight_decay", lo=0)
+    _bool(cfg, "model.optimizer.fused", nullable=True)
     _int(cfg, "model.image_log_every_n_steps", lo=0)
     _int(cfg, "model.num_panel_images", lo=1)
     _choice(cfg, "model.nonfinite", NONFINITE)

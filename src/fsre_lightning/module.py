@@ -95,7 +95,9 @@ class FSREModule(pl.LightningModule):
         self.pose_net = hydra.utils.instantiate(pose_network)
         self.loss_cfg = LossConfig(**loss)
         self.frame_ids = [int(f) for f in frame_ids]
-        optimizer = {"lr": 1.5e-4, "pose_lr_scale": 1.0, **(optimizer or {})}
+        # fused: one kernel for all of Adam's updates (same formula), ~3x faster than the
+        # per-tensor loop on CPU and without foreach's temporary copies.
+        optimizer = {"lr": 1.5e-4, "pose_lr_scale": 1.0, "fused": True, **(optimizer or {})}
         self.pose_lr_scale = float(optimizer.pop("pose_lr_scale"))
         self.optimizer_cfg = optimizer
         scheduler = {"milestones": [10, 15], "gamma": 0.1, "warmup_steps": 0, **(scheduler or {})}

@@ -3,6 +3,10 @@
 - `ssim` is Monodepth2's SSIM: a 3 x 3 box (average) window over a reflection-padded image,
   C1 = 0.01**2, C2 = 0.03**2, returned as the per-pixel dissimilarity clamp((1 - SSIM) / 2, 0, 1).
   (kornia's own `kornia.metrics.ssim` uses a Gaussian window and gives different numbers.)
+- `box_filter3x3` is that window. It sums shifted slices instead of calling a depthwise
+  convolution (`kornia.filters.box_blur`, same values): on CPU the depthwise convolution of
+  a few channels was ~11 % of a training step, the slice sums are ~4x faster forward and
+  ~1.6x forward + backward (benchmarks/README.md).
 - `photometric_loss` mixes it with L1: alpha * SSIM-term + (1 - alpha) * |I - I_hat|, both
   averaged over colour channels, one value per pixel.
 - `min_reprojection_loss` takes the per-pixel minimum over warped and (noise-tie-broken)
@@ -12,9 +16,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from kornia.filters import box_blur
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
@@ -29,6 +35,48 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, x_name: str, y_name: str) -> N
         )
 
 
+class _BoxFilter3x3(torch.autograd.Function):
+    """The 3 x 3 reflection-padded mean with its adjoint written out.
+
+    Forward sums shifted slices; backward is the transposed filter (the same sums over the
+    zero-padded gradient) folded back through the reflection padding. Nothing is saved for
+    backward (the filter is linear), and backward avoids autograd's six zero-filled slice
+    gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.input_shape = x.shape
+        return _valid_box_mean(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        padded_grad = _valid_box_mean(F.pad(grad, (2, 2, 2, 2)))
+        dummy = grad.new_empty(ctx.input_shape)  # only its shape is read
+        return torch.ops.aten.reflection_pad2d_backward(padded_grad, dummy, [1, 1, 1, 1])
+
+
+def _valid_box_mean(padded: torch.Tensor) -> torch.Tensor:
+    """Mean of every 3 x 3 window that fits in `padded` (output 2 smaller in H and W)."""
+    rows = padded[..., :-2] + padded[..., 1:-1]
+    rows += padded[..., 2:]
+    out = rows[..., :-2, :] + rows[..., 1:-1, :]
+    out += rows[..., 2:, :]
+    return out.mul_(1 / 9)
+
+
+def box_filter3x3(x: torch.Tensor) -> torch.Tensor:
+    """Mean over each pixel's 3 x 3 neighbourhood of the reflection-padded B x C x H x W `x`.
+
+    Equal to `F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, stride=1)` and to
+    `kornia.filters.box_blur(x, (3, 3), border_type="reflect")` up to rounding.
+    """
+    if x.dim() != 4 or x.shape[-1] < 2 or x.shape[-2] < 2:
+        raise ValueError(f"x must be B x C x H x W with H, W >= 2, got shape {tuple(x.shape)}")
+    return _BoxFilter3x3.apply(x)
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM dissimilarity clamp((1 - SSIM) / 2, 0, 1), B x C x H x W like `x`.
 
@@ -38,7 +86,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     _check_pair(x, y, "x", "y")
     c = x.shape[1]
-    stats = box_blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), (3, 3), border_type="reflect")
+    stats = box_filter3x3(torch.cat([x, y, x * x, y * y, x * y], dim=1))
     mu_x, mu_y, e_xx, e_yy, e_xy = stats.split(c, dim=1)
     sigma_x = e_xx - mu_x * mu_x
     sigma_y = e_yy - mu_y * mu_y
@@ -67,7 +115,7 @@ def ssim_target_stats(target: torch.Tensor) -> torch.Tensor:
     """
     if target.dim() != 4:
         raise ValueError(f"target must be B x C x H x W, got shape {tuple(target.shape)}")
-    return box_blur(torch.cat([target, target * target], dim=1), (3, 3), border_type="reflect")
+    return box_filter3x3(torch.cat([target, target * target], dim=1))
 
 
 def photometric_losses(
@@ -99,7 +147,7 @@ def photometric_losses(
     mu_y, e_yy = target_stats.split(c, dim=1)
     x = preds.reshape(n * b, c, h, w)
     xy = (preds * target).reshape(n * b, c, h, w)
-    stats = box_blur(torch.cat([x, x * x, xy], dim=1), (3, 3), border_type="reflect")
+    stats = box_filter3x3(torch.cat([x, x * x, xy], dim=1))
     mu_x, e_xx, e_xy = (t.reshape(n, b, c, h, w) for t in stats.split(c, dim=1))
     sigma_x = e_xx - mu_x * mu_x
     sigma_y = e_yy - mu_y * mu_y
