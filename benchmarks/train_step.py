@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                  # full model, 96 x 320 x 4
     python benchmarks/train_step.py --shape 96x320x4 192x640x2 --objective optimised plain
     python benchmarks/train_step.py --precision 32 bf16 --channels-last 0 1 --checkpointing 0 1
+    python benchmarks/train_step.py --compile-loss 0 1              # model.compile_loss
     python benchmarks/train_step.py --objective reference --reference-dir /tmp/FSRE-Depth
     python benchmarks/train_step.py --profile                        # top operators
 
@@ -98,7 +99,8 @@ def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
     module = FSREModule(network={**NETWORK, **net_over}, pose_network=POSE, loss=loss_over,
                         image_log_every_n_steps=0, channels_last=cfg["channels_last"],
                         compile=cfg["compile"],
-                        gradient_checkpointing=cfg["checkpointing"]).to(device)
+                        gradient_checkpointing=cfg["checkpointing"],
+                        compile_loss=cfg.get("compile_loss", False)).to(device)
     (optimizer,), _ = module.configure_optimizers()
     h, w, b = cfg["shape"]
     batch = make_batch(b, h, w, device)
@@ -218,16 +220,19 @@ def _current_rss_mib() -> float:
 # ---------------------------------------------------------------------------- parent process
 def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
-    for variant, shape, objective, precision, cl, comp, ckpt in itertools.product(
+    for variant, shape, objective, precision, cl, comp, ckpt, closs in itertools.product(
             args.variant, args.shape, args.objective, args.precision, args.channels_last,
-            args.compile, args.checkpointing):
-        if objective == "reference" and (precision != "32" or cl or comp or ckpt):
+            args.compile, args.checkpointing, args.compile_loss):
+        if objective == "reference" and (precision != "32" or cl or comp or ckpt or closs):
             continue  # the reference runs as published: fp32, no options
+        if closs and objective != "optimised":
+            continue  # only the optimised objective calls the compiled photometric maps
         if objective == "reference" and not args.reference_dir:
             raise SystemExit("--objective reference needs --reference-dir (a local checkout)")
         out.append({"variant": variant, "shape": shape, "objective": objective,
                     "precision": precision, "channels_last": bool(cl), "compile": bool(comp),
-                    "checkpointing": bool(ckpt), "threads": args.threads,
+                    "checkpointing": bool(ckpt), "compile_loss": bool(closs),
+                    "threads": args.threads,
                     "device": args.device, "warmup": args.warmup, "steps": args.steps,
                     "profile": args.profile, "profile_rows": args.profile_rows,
                     "reference_dir": args.reference_dir})
@@ -237,7 +242,8 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
 def label(cfg: dict[str, Any]) -> str:
     h, w, b = cfg["shape"]
     opts = [k for k, v in (("nhwc", cfg["channels_last"]), ("compile", cfg["compile"]),
-                           ("ckpt", cfg["checkpointing"])) if v]
+                           ("ckpt", cfg["checkpointing"]),
+                           ("compile-loss", cfg.get("compile_loss"))) if v]
     return (f"{cfg['variant']} {h}x{w} b{b} {cfg['objective']} "
             f"{'fp' + cfg['precision'] if cfg['precision'] != 'bf16' else 'bf16'}"
             + (" +" + "+".join(opts) if opts else ""))
@@ -254,6 +260,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", type=int, choices=[0, 1], default=[0])
     parser.add_argument("--checkpointing", nargs="+", type=int, choices=[0, 1], default=[0],
                         help="gradient checkpointing of the decoder blocks")
+    parser.add_argument("--compile-loss", nargs="+", type=int, choices=[0, 1], default=[0],
+                        help="model.compile_loss: torch.compile the photometric maps")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=2,

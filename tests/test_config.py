@@ -49,6 +49,7 @@ def test_paper_defaults_pass() -> None:
         ("model.scheduler.warmup_steps", -5, ">= 0"),
         ("model.optimizer.pose_lr_scale", 0.0, "> 0"),
         ("model.optimizer.fused", "yes", "true or false"),
+        ("model.compile_loss", 1, "true or false"),
     ],
 )
 def test_bad_values_name_key_and_value(key: str, value, fragment: str) -> None:

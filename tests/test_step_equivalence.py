@@ -7,6 +7,8 @@ recomputation in backward) and the speed options of FSREModule must give the sam
 the same terms and the same gradient for every parameter.
 """
 
+import os
+import shutil
 from functools import partial
 
 import pytest
@@ -24,6 +26,11 @@ H, W = 64, 64
 FULL = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
 TIGHT = {"rtol": 1e-9, "atol": 1e-12}
+# torch.compile (Inductor) on CPU generates C++; without a compiler model.compile_loss cannot run.
+NEEDS_CXX = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+    reason="model.compile_loss needs a C++ compiler on CPU",
+)
 
 
 def make_batch(b: int = 2) -> dict:
@@ -53,9 +60,10 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
          {"gradient_checkpointing": True, "channels_last": True}, True),
         ({"segmentation": False, "cma_scales": []},
          {"segmentation_weight": 0.0, "sgt_weight": 0.0, "automask": False}, {}, False),
+        pytest.param({"cma_scales": []}, {}, {"compile_loss": True}, True, marks=NEEDS_CXX),
     ],
     ids=["full", "full-monodepth2-weighting-checkpointed-nhwc",
-         "monodepth2-no-automask-no-loss-recompute"],
+         "monodepth2-no-automask-no-loss-recompute", "ce-sgt-compiled-photometric"],
 )
 def test_optimised_step_matches_plain_composition(
     network, loss, options, recompute, monkeypatch
@@ -139,10 +147,12 @@ def test_speed_options_keep_parameter_names_and_set_the_network_up() -> None:
     net = {**FULL, "segmentation": False, "cma_scales": []}
     plain = FSREModule(network=net, pose_network=POSE)
     tuned = FSREModule(network=net, pose_network=POSE, channels_last=True, compile=True,
-                       gradient_checkpointing=True)
+                       gradient_checkpointing=True, compile_loss=True)
     # Checkpoints stay interchangeable between runs with and without the options.
     assert list(tuned.state_dict()) == list(plain.state_dict())
     assert tuned.net.gradient_checkpointing and not plain.net.gradient_checkpointing
     conv = tuned.net.encoder.model.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert tuned.hparams["compile"] and tuned.hparams["channels_last"]
+    assert tuned.hparams["compile_loss"] and tuned._photometric is not photometric_losses
+    assert plain._photometric is photometric_losses

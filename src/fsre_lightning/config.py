@@ -236,7 +236,7 @@ def validate_model(cfg: DictConfig) -> None:
     _int(cfg, "model.num_panel_images", lo=1)
     _choice(cfg, "model.nonfinite", NONFINITE)
     _int(cfg, "model.nonfinite_max_consecutive", lo=1)
-    for key in ("channels_last", "compile", "gradient_checkpointing"):
+    for key in ("channels_last", "compile", "compile_loss", "gradient_checkpointing"):
         _bool(cfg, f"model.{key}")
     data_ids, model_ids = _get(cfg, "data.frame_ids"), _get(cfg, "model.frame_ids")
     if model_ids is not None:

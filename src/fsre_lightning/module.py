@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fsre_lightning.geometry import disp_to_depth
+from fsre_lightning.losses import photometric_losses
 from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
 from fsre_lightning.objective import LossConfig, compute_losses
 from fsre_lightning.visualize import (
@@ -70,6 +71,7 @@ class FSREModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         gradient_checkpointing: bool = False,
+        compile_loss: bool = False,
     ) -> None:
         super().__init__()
         network, pose_network = _plain(network), _plain(pose_network)
@@ -89,6 +91,7 @@ class FSREModule(pl.LightningModule):
                 "channels_last": channels_last,
                 "compile": compile,
                 "gradient_checkpointing": gradient_checkpointing,
+                "compile_loss": compile_loss,
             }
         )
         self.net = hydra.utils.instantiate(network)
@@ -118,10 +121,14 @@ class FSREModule(pl.LightningModule):
         self._skip_this_step = False
         self._warned_nonfinite: set[str] = set()
         self._batch_names: list[str] = []
-        self._apply_speed_options(channels_last, compile, gradient_checkpointing)
+        self._apply_speed_options(channels_last, compile, gradient_checkpointing, compile_loss)
 
     def _apply_speed_options(
-        self, channels_last: bool, compile: bool, gradient_checkpointing: bool
+        self,
+        channels_last: bool,
+        compile: bool,
+        gradient_checkpointing: bool,
+        compile_loss: bool = False,
     ) -> None:
         """Options that change speed and memory, never the maths (benchmarks/README.md)."""
         self.channels_last = bool(channels_last)
@@ -137,6 +144,11 @@ class FSREModule(pl.LightningModule):
             # Module.compile keeps the parameter names, so checkpoints stay interchangeable.
             self.net.compile()
             self.pose_net.compile()
+        # The photometric maps (SSIM + L1 of every source at every scale) are element-wise work
+        # bound by memory traffic; Inductor fuses them into a few loops (2.4x on CPU).
+        self._photometric = (
+            torch.compile(photometric_losses) if compile_loss else photometric_losses
+        )
 
     # ------------------------------------------------------------------ steps
     def forward(self, image: torch.Tensor) -> dict[str, Any]:
@@ -169,6 +181,7 @@ class FSREModule(pl.LightningModule):
             self._transforms(frames_aug),
             batch.get("labels"),
             self.loss_cfg,
+            photometric_fn=self._photometric,
         )
         return outputs, losses
 

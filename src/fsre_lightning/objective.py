@@ -12,7 +12,7 @@ because it is what produced the paper's table):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,12 +88,15 @@ def compute_losses(
     cfg: LossConfig,
     generator: torch.Generator | None = None,
     recompute: bool = True,
+    photometric_fn: Callable[..., torch.Tensor] = photometric_losses,
 ) -> dict[str, torch.Tensor]:
     """All loss terms of one batch.
 
     `frames` is B x F x 3 x H x W (un-augmented, frame 0 first); `transforms[i]` maps frame-0
     camera points into the camera of frame i + 1. `recompute` recomputes the warped images
     and SSIM maps in backward instead of keeping them (same values, far less memory).
+    `photometric_fn` computes the per-pixel photometric maps (`photometric_losses`, or a
+    compiled version of it).
     Returns the weighted total under "total", the unweighted terms under their names, and the
     auto-mask of scale 0 under "automask".
     """
@@ -109,7 +112,7 @@ def compute_losses(
 
     # The unwarped sources do not depend on the scale: one identity loss map per source.
     identity = (
-        list(photometric_losses(sources, target, cfg.alpha, target_stats).unbind(0))
+        list(photometric_fn(sources, target, cfg.alpha, target_stats).unbind(0))
         if cfg.automask
         else None
     )
@@ -117,7 +120,7 @@ def compute_losses(
     def reprojection_maps(disp: torch.Tensor, transforms_: torch.Tensor) -> torch.Tensor:
         _, depth = disp_to_depth(upsample_to(disp, size), cfg.min_depth, cfg.max_depth)
         warped = warp_many(sources, depth, transforms_, K, inv_K)
-        return photometric_losses(warped, target, cfg.alpha, target_stats)
+        return photometric_fn(warped, target, cfg.alpha, target_stats)
 
     photometric_terms, smooth_terms = [], []
     automask = None
