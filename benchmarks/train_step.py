@@ -100,7 +100,7 @@ def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
                         image_log_every_n_steps=0, channels_last=cfg["channels_last"],
                         compile=cfg["compile"],
                         gradient_checkpointing=cfg["checkpointing"],
-                        compile_loss=cfg.get("compile_loss", False)).to(device)
+                        compile_loss=cfg["compile_loss"]).to(device)
     (optimizer,), _ = module.configure_optimizers()
     h, w, b = cfg["shape"]
     batch = make_batch(b, h, w, device)
@@ -243,7 +243,7 @@ def label(cfg: dict[str, Any]) -> str:
     h, w, b = cfg["shape"]
     opts = [k for k, v in (("nhwc", cfg["channels_last"]), ("compile", cfg["compile"]),
                            ("ckpt", cfg["checkpointing"]),
-                           ("compile-loss", cfg.get("compile_loss"))) if v]
+                           ("compile-loss", cfg["compile_loss"])) if v]
     return (f"{cfg['variant']} {h}x{w} b{b} {cfg['objective']} "
             f"{'fp' + cfg['precision'] if cfg['precision'] != 'bf16' else 'bf16'}"
             + (" +" + "+".join(opts) if opts else ""))

@@ -128,7 +128,7 @@ class FSREModule(pl.LightningModule):
         channels_last: bool,
         compile: bool,
         gradient_checkpointing: bool,
-        compile_loss: bool = False,
+        compile_loss: bool,
     ) -> None:
         """Options that change speed and memory, never the maths (benchmarks/README.md)."""
         self.channels_last = bool(channels_last)
