@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 install: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
+# Everything, subprocess and end-to-end tests included (what CI runs).
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow, on every core (under a minute on 2).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" -n auto
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -43,7 +43,8 @@ from torchvision.transforms import ColorJitter
 from torchvision.transforms import functional as TF
 
 from fsre_lightning.data import KittiDataModule
-from fsre_lightning.data.kitti import collate, read_split, resolve_images
+from fsre_lightning.data.dataset import collate
+from fsre_lightning.data.layout import read_split, resolve_images
 from fsre_lightning.objective import downsample_image
 
 NATIVE = (375, 1242)

@@ -22,7 +22,7 @@ Objectives:
   intermediate kept), on the same networks: the saving of the loss code alone;
 - ``reference``: the published FSRE-Depth code (`TrainerParallel`), given a local checkout in
   `--reference-dir` (ignored in fp32-only / no-option combinations it cannot run). Random
-  init, the options of SPEC section 7. Two shims let it run on CPU and current torchvision:
+  init, the paper's training options. Two shims let it run on CPU and current torchvision:
   its auto-mask noise calls `.cuda(device)` (mapped to `.to(device)`), and it calls
   `resnet18(pretrained)` positionally (mapped to `weights=None`). Nothing else is changed.
 - ``networks``: the same networks (depth encoder and decoders, CMA, both pose pairs) forward
@@ -50,7 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
-# The rows of SPEC section 8 as (network overrides, loss overrides, reference-code options).
+# The rows of the paper's Table 1b as (network overrides, loss overrides, reference-code options).
 VARIANTS: dict[str, tuple[dict, dict, list[str]]] = {
     "monodepth2": ({"segmentation": False, "cma_scales": []},
                    {"segmentation_weight": 0.0, "sgt_weight": 0.0}, ["--no_cma", "--sgt", "0"]),
@@ -94,19 +94,19 @@ def peak_memory_mib(device: torch.device) -> float:
 def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
     """(step function, optimizer) for our module with the optimised or the plain objective."""
     from fsre_lightning.module import FSREModule
+    from fsre_lightning.testing import optimiser_configs
 
     net_over, loss_over, _ = VARIANTS[cfg["variant"]]
     module = FSREModule(network={**NETWORK, **net_over}, pose_network=POSE, loss=loss_over,
                         image_log_every_n_steps=0, channels_last=cfg["channels_last"],
                         compile=cfg["compile"],
                         gradient_checkpointing=cfg["checkpointing"],
-                        compile_loss=cfg["compile_loss"]).to(device)
+                        compile_loss=cfg["compile_loss"], **optimiser_configs()).to(device)
     (optimizer,), _ = module.configure_optimizers()
     h, w, b = cfg["shape"]
     batch = make_batch(b, h, w, device)
     if cfg["objective"] == "plain":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from plain_objective import plain_compute_losses
+        from fsre_lightning.testing.objective import plain_compute_losses
 
         def losses() -> torch.Tensor:
             image = batch["frames_aug"][:, 0]

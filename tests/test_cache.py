@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fsre_lightning.data import DataError, KittiDataModule
-from fsre_lightning.data import kitti as kitti_module
+from fsre_lightning.data import KittiDataModule
+from fsre_lightning.data import kitti_cache as cache_module
 from fsre_lightning.data.cache import ArrayCache
-from fsre_lightning.data.kitti import build_frame_cache, cache_name, decode_rgb, load_image
-from kitti_layout import DRIVE, expected_train_ids, label_ids_image, make_kitti
+from fsre_lightning.data.decode import decode_rgb, load_image
+from fsre_lightning.data.kitti_cache import build_frame_cache, cache_name
+from fsre_lightning.errors import DataError
+from fsre_lightning.testing.kitti import DRIVE, expected_train_ids, label_ids_image, make_kitti
 
 H, W = 64, 192
 SIZE = (H, W)
@@ -68,7 +70,7 @@ def test_frame_cache_round_trip_equals_decode_and_resize(
     assert np.array_equal(cache.read(np.array([3, 1])), np.stack([cache.read(3), cache.read(1)]))
 
     # Reused: an up-to-date cache is opened without decoding anything.
-    monkeypatch.setattr(kitti_module, "decode_rgb", lambda *a: pytest.fail("rebuilt"))
+    monkeypatch.setattr(cache_module, "decode_rgb", lambda *a: pytest.fail("rebuilt"))
     again = build_frame_cache(tmp_path / "cache", "frames", root, keys, paths, SIZE,
                               progress=False)
     assert again.path == cache.path and np.array_equal(again.read(5), cache.read(5))
@@ -170,8 +172,8 @@ def test_data_module_batches_are_identical_with_and_without_the_cache(
     assert cached.datasets["train"].frame_rows is not None
     assert plain.datasets["train"].frame_rows is None
     # no decoding per step once the caches are open
-    monkeypatch.setattr(kitti_module, "decode_rgb", lambda *a: pytest.fail("decoded a PNG"))
-    monkeypatch.setattr(kitti_module, "decode_label", lambda *a: pytest.fail("decoded a label"))
+    monkeypatch.setattr(cache_module, "decode_rgb", lambda *a: pytest.fail("decoded a PNG"))
+    monkeypatch.setattr(cache_module, "decode_label", lambda *a: pytest.fail("decoded a label"))
     batches = []
     for dm in (cached, plain):
         if dm is plain:

@@ -1,70 +1,177 @@
+"""The config schemas: each rule in one place, the same message from a config and from Python."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
 import pytest
-from omegaconf import OmegaConf
+import pytorch_lightning as pl
+import torch
 
-from fsre_lightning.config import ConfigError, validate_config
-
-
-def _cfg(**overrides):
-    base = {
-        "data": {"height": 64, "width": 192, "frame_ids": [0, -1, 1], "batch_size": 2,
-                 "num_workers": 0},
-        "model": {
-            "network": {"cma_scales": [4, 3, 2], "disp_scales": [0, 1, 2, 3], "num_heads": 4,
-                        "head_ratio": 2.0, "cma_targets": ["depth", "seg"],
-                        "attention_scale": "paper", "segmentation": True},
-            "optimizer": {"lr": 1.5e-4},
-            "scheduler": {"milestones": [10, 15]},
-        },
-        "loss": {"sgt_kernel_size": 5, "sgt_scales": [3, 2, 1], "sgt_margin": 0.3,
-                 "sgt_threshold": None, "segmentation_weight": 0.3, "alpha": 0.85},
-    }
-    cfg = OmegaConf.create(base)
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
-
-
-def test_paper_defaults_pass() -> None:
-    validate_config(_cfg())
+from fsre_lightning.config import validate_config
+from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule
+from fsre_lightning.data.synthetic import SyntheticConfig, generate_synthetic_kitti
+from fsre_lightning.data.video_folder import VideoFolderDataConfig, VideoFolderDataModule
+from fsre_lightning.errors import ConfigError
+from fsre_lightning.losses import sgt_loss
+from fsre_lightning.models import FSRENetwork, NetworkConfig, PoseNetwork, PoseNetworkConfig
+from fsre_lightning.module import FSREModule, ModelConfig
+from fsre_lightning.objective import LossConfig
+from fsre_lightning.schema import OPTIMIZERS, SCHEDULERS, TrainerConfig
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "fragment"),
+    ("overrides", "key", "value", "fragment"),
     [
-        ("data.height", 100, "multiple of 32"),
-        ("data.width", 650, "multiple of 32"),
-        ("loss.sgt_kernel_size", 4, "odd"),
-        ("loss.sgt_kernel_size", 1, "odd"),
-        ("model.network.num_heads", 0, ">= 1"),
-        ("model.network.cma_scales", [5], "0..4"),
-        ("loss.sgt_scales", [-1], "0..4"),
-        ("model.network.cma_targets", ["normals"], "subset"),
-        ("model.network.attention_scale", "sqrt", "paper"),
-        ("loss.sgt_margin", -0.1, "> 0"),
-        ("loss.sgt_margin", 0.0, "> 0"),
-        ("loss.sgt_threshold", 25, "1..24"),
-        ("data.frame_ids", [-1, 0, 1], "frame 0 first"),
-        ("model.optimizer.lr", 0.0, "> 0"),
-        ("model.scheduler.milestones", [15, 10], "increasing"),
-        ("model.scheduler.warmup_steps", -5, ">= 0"),
-        ("model.optimizer.pose_lr_scale", 0.0, "> 0"),
-        ("model.optimizer.fused", "yes", "true or false"),
-        ("model.compile_loss", 1, "true or false"),
+        ("data.height=100", "data.height", 100, "multiple of 32"),
+        ("data.width=650", "data.width", 650, "multiple of 32"),
+        ("loss.sgt_kernel_size=4", "loss.sgt_kernel_size", 4, "odd"),
+        ("loss.sgt_kernel_size=1", "loss.sgt_kernel_size", 1, "odd"),
+        ("model.network.num_heads=0", "model.network.num_heads", 0, ">= 1"),
+        ("model.network.cma_scales=[5]", "model.network.cma_scales", [5], "0..4"),
+        ("loss.sgt_scales=[-1]", "loss.sgt_scales", [-1], "0..4"),
+        ("model.network.cma_targets=[normals]", "model.network.cma_targets", ["normals"],
+         "subset"),
+        ("model.network.attention_scale=sqrt", "model.network.attention_scale", "sqrt",
+         "paper"),
+        ("loss.sgt_margin=-0.1", "loss.sgt_margin", -0.1, ">= 0"),
+        ("loss.sgt_threshold=25", "loss.sgt_threshold", 25, "1..24"),
+        ("data.frame_ids=[-1,0,1]", "data.frame_ids", [-1, 0, 1], "frame 0 first"),
+        ("model.optimizer.lr=0.0", "model.optimizer.lr", 0.0, "> 0"),
+        ("model.scheduler.milestones=[15,10]", "model.scheduler.milestones", [15, 10],
+         "increasing"),
+        ("model.scheduler.warmup_steps=-5", "model.scheduler.warmup_steps", -5, ">= 0"),
+        ("model.optimizer.pose_lr_scale=0.0", "model.optimizer.pose_lr_scale", 0.0, "> 0"),
+        ("model.optimizer.fused=yes", "model.optimizer.fused", "yes", "true or false"),
+        ("model.compile_loss=1", "model.compile_loss", 1, "true or false"),
+        ("data.batch_size=two", "data.batch_size", "two", "an integer"),
+        ("data.frame_ids=[0,a,1]", "data.frame_ids", [0, "a", 1], "a list of integers"),
+        ("data.synthetic.num_drives=2", "data.synthetic.num_drives", 2, ">= 3"),
     ],
 )
-def test_bad_values_name_key_and_value(key: str, value, fragment: str) -> None:
+def test_bad_values_name_key_value_and_rule(compose: Any, overrides: str, key: str, value: Any,
+                                            fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
-        validate_config(_cfg(**{key: value}))
+        validate_config(compose("train", overrides), "train")
     message = str(err.value)
-    assert key in message and repr(value) in message and fragment in message
+    assert f"{key}={value!r} is not allowed" in message and fragment in message, message
+    assert err.value.key == key and "\n" not in message
 
 
-def test_segmentation_free_model_rejects_semantic_terms() -> None:
-    cfg = _cfg(**{"model.network.segmentation": False})
+def test_unknown_keys_list_what_is_allowed(compose: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose("train", "+model.network.heads=2"), "train")
+    message = str(err.value)
+    assert message.startswith("model.network.heads is not a known key")
+    assert "'num_heads'" in message and "'cma_scales'" in message
+
+
+def test_margin_zero_is_the_end_of_the_papers_sweep(compose: Any) -> None:
+    """m = 0 is allowed by the config and by the loss function: one rule, one verdict."""
+    validate_config(compose("train", "loss.sgt_margin=0"), "train")
+    features, labels = torch.randn(1, 4, 6, 6), torch.randint(0, 2, (1, 6, 6))
+    assert float(sgt_loss(features, labels, margin=0.0)) >= 0
+    with pytest.raises(ConfigError, match=r"margin=-0\.1 is not allowed"):
+        sgt_loss(features, labels, margin=-0.1)
+
+
+def test_segmentation_free_model_rejects_semantic_terms(compose: Any) -> None:
     with pytest.raises(ConfigError, match=r"model\.network\.cma_scales"):
-        validate_config(cfg)
-    cfg = _cfg(**{"model.network.segmentation": False, "model.network.cma_scales": []})
+        validate_config(compose("train", "model.network.segmentation=false"), "train")
+    cfg = compose("train", "model.network.segmentation=false model.network.cma_scales=[]")
     with pytest.raises(ConfigError, match=r"loss\.segmentation_weight"):
-        validate_config(cfg)
-    OmegaConf.update(cfg, "loss.segmentation_weight", 0.0)
-    validate_config(cfg)
+        validate_config(cfg, "train")
+    validate_config(compose("train", "model=monodepth2"), "train")
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (lambda: FSRENetwork(num_heads=0), "num_heads"),
+        (lambda: FSRENetwork(cma_scales=(5,)), "cma_scales"),
+        (lambda: PoseNetwork(init_translation=(0.0, 1.0)), "init_translation"),
+        (lambda: KittiDataModule("root", "splits", height=100), "height"),
+        (lambda: VideoFolderDataModule(root="videos"), "intrinsics"),
+        (lambda: generate_synthetic_kitti("x", num_drives=2), "num_drives"),
+        (lambda: LossConfig(sgt_kernel_size=4), "sgt_kernel_size"),
+        (lambda: FSREModule(network={"_target_": "fsre_lightning.models.FSRENetwork"},
+                            pose_network={"_target_": "fsre_lightning.models.PoseNetwork"},
+                            nonfinite="ignore"), "nonfinite"),
+    ],
+)
+def test_direct_calls_meet_the_same_rules(build: Any, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert err.value.key == key and f"{key}=" in str(err.value)
+
+
+def _defaults(fn: Any, skip: set[str]) -> dict[str, Any]:
+    """A callable's keyword arguments and their defaults (tuples as lists, as in a config)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for p in params if p.name not in skip and p.kind is not p.VAR_KEYWORD}
+
+
+def _schema_defaults(schema: type, skip: set[str]) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.name in skip:
+            continue
+        if f.default is not dataclasses.MISSING and f.default != "???":  # OmegaConf's MISSING
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = inspect.Parameter.empty
+    return out
+
+
+@pytest.mark.parametrize(
+    ("schema", "target", "own"),
+    [
+        (KittiDataConfig, KittiDataModule, set()),
+        (NetworkConfig, FSRENetwork, set()),
+        (PoseNetworkConfig, PoseNetwork, set()),
+        (SyntheticConfig, generate_synthetic_kitti, {"root"}),
+        (ModelConfig, FSREModule, {"loss", "eval_crop", "min_depth_eval", "max_depth_eval"}),
+    ],
+)
+def test_schema_mirrors_the_signature_it_configures(schema: type, target: Any,
+                                                     own: set[str]) -> None:
+    """Every argument is a schema key with the same default, and nothing else is."""
+    skip = {"_target_"}
+    expected = _defaults(target, own)
+    got = _schema_defaults(schema, skip)
+    # the network configs have no Python default (they are required); the rest match
+    assert set(got) == set(expected)
+    assert {k: v for k, v in got.items() if v is not inspect.Parameter.empty} == {
+        k: v for k, v in expected.items() if got[k] is not inspect.Parameter.empty}
+
+
+def test_video_folder_schema_extends_the_kitti_keys() -> None:
+    own = {n for n in inspect.signature(VideoFolderDataModule).parameters if n != "kwargs"}
+    kitti = set(inspect.signature(KittiDataModule).parameters)
+    assert {f.name for f in dataclasses.fields(VideoFolderDataConfig)} - {"_target_"} == (
+        own | kitti)
+
+
+def test_third_party_schemas_name_real_arguments_with_their_defaults() -> None:
+    trainer = inspect.signature(pl.Trainer).parameters
+    for f in dataclasses.fields(TrainerConfig):
+        if f.name != "_target_":
+            assert f.name in trainer and _schema_defaults(TrainerConfig, set())[f.name] == \
+                trainer[f.name].default, f.name
+    ours = {"_target_", "_partial_", "pose_lr_scale", "warmup_steps"}
+    for registry, first in ((OPTIMIZERS, "params"), (SCHEDULERS, "optimizer")):
+        for target, schema in registry.items():
+            module, _, name = target.rpartition(".")
+            params = inspect.signature(getattr(__import__(module, fromlist=[name]),
+                                               name)).parameters
+            for key, default in _schema_defaults(schema, ours).items():
+                assert key in params and key != first, (target, key)
+                if default is not inspect.Parameter.empty:
+                    torch_default = params[key].default
+                    assert default == (list(torch_default) if isinstance(torch_default, tuple)
+                                       else torch_default), (target, key)

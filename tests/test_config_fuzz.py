@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from fsre_lightning.config import ConfigError, validate_config
-from fsre_lightning.train import CONFIG_DIR
+from fsre_lightning.config import validate_config
+from fsre_lightning.errors import ConfigError
 
 TRAIN_CASES: list[tuple[str, str]] = [
     # types
@@ -76,7 +75,6 @@ TRAIN_CASES: list[tuple[str, str]] = [
     ("model.frame_ids=[0,-1]", "model.frame_ids"),
     ("loss.sgt_kernel_size=4", "loss.sgt_kernel_size"),
     ("loss.sgt_kernel_size=1", "loss.sgt_kernel_size"),
-    ("loss.sgt_margin=0", "loss.sgt_margin"),
     ("loss.sgt_margin=-0.3", "loss.sgt_margin"),
     ("loss.sgt_scales=[0,5]", "loss.sgt_scales"),
     ("loss.sgt_threshold=25", "loss.sgt_threshold"),
@@ -111,6 +109,35 @@ TRAIN_CASES: list[tuple[str, str]] = [
     ("+callbacks.last_checkpoint.every_n_steps=5", "callbacks.last_checkpoint.every_n_steps"),
     ("+foo=1", "foo"),
     ("+nonfinite=stop", "nonfinite"),
+    # the optimiser and scheduler groups, by their _target_
+    ("model/optimizer=adamw model.optimizer.weight_decay=-1", "model.optimizer.weight_decay"),
+    ("model/optimizer=adamw +model.optimizer.momentum=0.9", "model.optimizer.momentum"),
+    ("+model.optimizer.betas=[0.9]", "model.optimizer.betas"),
+    ("model.optimizer.fused=yes", "model.optimizer.fused"),
+    ("model/scheduler=cosine trainer.max_epochs=null", "model.scheduler.T_max"),
+    ("model/scheduler=cosine model.scheduler.eta_min=-1", "model.scheduler.eta_min"),
+    ("model/scheduler=cosine +model.scheduler.milestones=[1]", "model.scheduler.milestones"),
+    ("model.scheduler._partial_=false", "model.scheduler._partial_"),
+    ("++model.optimizer._target_=torch.optim.SGD +model.optimizer.nesterov_=true",
+     "model.optimizer.nesterov_"),
+    # paths, data.synthetic, nested networks, cross-group rules
+    ("+paths.cache=/tmp", "paths.cache"),
+    ("data.synthetic.num_drives=2", "data.synthetic.num_drives"),
+    ("data.synthetic.height=tall", "data.synthetic.height"),
+    ("model.network.encoder=null", "model.network.encoder"),
+    ("model.pose_network.pretrained=sometimes", "model.pose_network.pretrained"),
+    ("model.network.cma_targets=[depth,depth]", "model.network.cma_targets"),
+    ("data.use_labels=false", "data.use_labels"),
+    ("effective_batch_size=5 trainer=ddp_cpu", "effective_batch_size"),
+    ("init_weights=a.ckpt ckpt_path=b.ckpt", "init_weights"),
+    ("+trainer.gradient_clip_algorithm=clip", "trainer.gradient_clip_algorithm"),
+    ("+trainer.deterministic=maybe", "trainer.deterministic"),
+    ("data=video_folder", "data.root"),
+    ("data=video_folder data.root=/x data.intrinsics=[1,1,0.5,0.5] data.val_fraction=1",
+     "data.val_fraction"),
+    ("data=video_folder data.root=/x data.intrinsics=[1,1,0.5,0.5] +data.fps=10", "data.fps"),
+    ("+callbacks.lr_monitor.interval=step", "callbacks.lr_monitor.interval"),
+    ("logger=csv +logger.csv.dir=x", "logger.csv.dir"),
 ]
 
 EVALUATE_CASES: list[tuple[str, str]] = [
@@ -125,6 +152,26 @@ EVALUATE_CASES: list[tuple[str, str]] = [
     ("+foo=1", "foo"),
 ]
 
+PREDICT_CASES: list[tuple[str, str]] = [
+    ("input=???", "input"),
+    ("batch_size=0", "batch_size"),
+    ("resolution=native", "resolution"),
+    ("scale_factor=2 camera_height=1.65", "scale_factor"),
+    ("camera_height=-1", "camera_height"),
+    ("intrinsics=[0.58,1.92]", "intrinsics"),
+    ("overlay=1", "overlay"),
+    ("height=96", "height"),
+    ("+data.height=96", "data"),
+]
+
+EXPORT_CASES: list[tuple[str, str]] = [
+    ("format=tflite", "format"),
+    ("opset=5", "opset"),
+    ("tolerance=0", "tolerance"),
+    ("device=tpu", "device"),
+    ("+batch=2", "batch"),
+]
+
 EXPORT_GT_CASES: list[tuple[str, str]] = [
     ("subset=train", "subset"),
     ("progress=2", "progress"),
@@ -133,13 +180,8 @@ EXPORT_GT_CASES: list[tuple[str, str]] = [
 ]
 
 
-def _compose(entry: str, overrides: str) -> Any:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(entry, overrides=overrides.split())
-
-
-def _fails_naming(entry: str, overrides: str, key: str) -> None:
-    cfg = _compose(entry, overrides)
+def _fails_naming(compose: Any, entry: str, overrides: str, key: str) -> None:
+    cfg = compose(entry, overrides)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg, entry)
     message = str(err.value)
@@ -149,22 +191,32 @@ def _fails_naming(entry: str, overrides: str, key: str) -> None:
 
 
 def test_enough_cases() -> None:
-    assert len(TRAIN_CASES) + len(EVALUATE_CASES) + len(EXPORT_GT_CASES) >= 50
+    assert len(TRAIN_CASES) + len(EVALUATE_CASES) + len(EXPORT_GT_CASES) >= 100
 
 
 @pytest.mark.parametrize(("overrides", "key"), TRAIN_CASES)
-def test_invalid_train_override_is_rejected(overrides: str, key: str) -> None:
-    _fails_naming("train", overrides, key)
+def test_invalid_train_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
+    _fails_naming(compose, "train", overrides, key)
 
 
 @pytest.mark.parametrize(("overrides", "key"), EVALUATE_CASES)
-def test_invalid_evaluate_override_is_rejected(overrides: str, key: str) -> None:
-    _fails_naming("evaluate", f"ckpt_path=x.ckpt {overrides}", key)
+def test_invalid_evaluate_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
+    _fails_naming(compose, "evaluate", f"ckpt_path=x.ckpt {overrides}", key)
+
+
+@pytest.mark.parametrize(("overrides", "key"), PREDICT_CASES)
+def test_invalid_predict_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
+    _fails_naming(compose, "predict", f"ckpt_path=x.ckpt input=in.png {overrides}", key)
+
+
+@pytest.mark.parametrize(("overrides", "key"), EXPORT_CASES)
+def test_invalid_export_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
+    _fails_naming(compose, "export", f"ckpt_path=x.ckpt {overrides}", key)
 
 
 @pytest.mark.parametrize(("overrides", "key"), EXPORT_GT_CASES)
-def test_invalid_export_gt_override_is_rejected(overrides: str, key: str) -> None:
-    _fails_naming("export_gt", overrides, key)
+def test_invalid_export_gt_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
+    _fails_naming(compose, "export_gt", overrides, key)
 
 
 @pytest.mark.parametrize(
@@ -173,23 +225,30 @@ def test_invalid_export_gt_override_is_rejected(overrides: str, key: str) -> Non
      ("train", "trainer=ddp logger=tensorboard data.on_error=raise model.nonfinite=stop"),
      ("train", "trainer.precision=bf16-mixed trainer.limit_val_batches=0.5 "
                "trainer.val_check_interval=100 trainer.max_epochs=null"),
+     ("train", "loss.sgt_margin=0"),  # the end point of the paper's margin sweep
+     ("train", "model/optimizer=adamw model/scheduler=cosine"),
+     ("train", "data=video_folder data.root=/x data.intrinsics=[910,910,640,360] "
+               "data.intrinsics_units=pixels"),
      ("evaluate", "ckpt_path=x.ckpt height=96 width=320 device=cuda:1"),
+     ("predict", "ckpt_path=x.ckpt input=in.png camera_height=1.65 intrinsics=[1,1,0.5,0.5]"),
+     ("export", "ckpt_path=x.ckpt format=torchscript height=64 width=192"),
      ("export_gt", "subset=val")],
 )
-def test_valid_configs_pass(entry: str, overrides: str) -> None:
-    validate_config(_compose(entry, overrides), entry)
+def test_valid_configs_pass(compose: Any, entry: str, overrides: str) -> None:
+    validate_config(compose(entry, overrides), entry)
 
 
-def test_train_run_validates_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_run_validates_before_any_work(compose: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import hydra
 
-    from fsre_lightning import train
+    from fsre_lightning.cli import train
 
     def no_work(*args: Any, **kwargs: Any) -> None:
         pytest.fail("instantiated something before the config was validated")
 
     monkeypatch.setattr(hydra.utils, "instantiate", no_work)
     monkeypatch.setattr(train.pl, "seed_everything", no_work)
-    cfg = _compose("train", "+data.batchsize=4")
+    cfg = compose("train", "+data.batchsize=4")
     with pytest.raises(ConfigError, match=r"data\.batchsize"):
         train.run(cfg)

@@ -9,15 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fsre_lightning.data import (
-    DataError,
-    FrameConsistentColorJitter,
-    KittiDataModule,
-    load_gt_depths,
-    read_split,
-    save_gt_depths,
-)
-from fsre_lightning.data.kitti import LABEL_ID_TO_TRAIN_ID, collate
+from fsre_lightning.cityscapes import LABEL_ID_TO_TRAIN_ID
+from fsre_lightning.data import KittiDataModule, load_gt_depths, read_split, save_gt_depths
+from fsre_lightning.data.augment import FrameConsistentColorJitter
+from fsre_lightning.data.dataset import collate
+from fsre_lightning.errors import DataError
 
 DRIVE = "2011_01_01/2011_01_01_drive_0001_sync"
 H, W = 64, 192
@@ -181,7 +177,7 @@ def test_bad_data_is_reported_at_setup(tmp_path: Path, change: str, fragment: st
 
 
 def test_size_must_be_a_multiple_of_32(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"data\.height=100"):
+    with pytest.raises(ValueError, match=r"height=100 is not allowed: .*multiple of 32"):
         KittiDataModule(tmp_path, tmp_path, height=100, width=192)
 
 

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from fsre_lightning.data import DataError, read_split
-from fsre_lightning.evaluate import run
+from fsre_lightning.cli.evaluate import run
+from fsre_lightning.data import read_split
+from fsre_lightning.errors import DataError
 from fsre_lightning.evaluation import (
     EIGEN_KEYS,
     evaluate_eigen,
@@ -27,7 +25,7 @@ from fsre_lightning.evaluation import (
 )
 from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, garg_crop_box
 from fsre_lightning.module import FSREModule
-from fsre_lightning.train import CONFIG_DIR
+from fsre_lightning.testing import compose_config
 
 KEYS = {*EIGEN_KEYS, "num_frames"}
 
@@ -191,10 +189,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _compose(tmp_path: Path, overrides: list[str]):
     base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
             f"paths.output_dir={tmp_path / 'outputs'}", *TINY_DATA]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("evaluate", overrides=[*base, *overrides])
+    return compose_config("evaluate", [*base, *overrides])
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_test_frame(tmp_path: Path, tiny_run: Path) -> None:
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     metrics_path = tmp_path / "metrics.json"
@@ -211,6 +209,7 @@ def test_evaluate_scores_every_test_frame(tmp_path: Path, tiny_run: Path) -> Non
     assert "miou" not in written
 
 
+@pytest.mark.slow
 def test_evaluate_reports_missing_checkpoint_and_ground_truth(tmp_path: Path,
                                                               tiny_run: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
@@ -240,14 +239,13 @@ def make_semantics(tmp_path: Path) -> Path:
     return root
 
 
-def test_cli_with_post_processing_and_semantics(tmp_path: Path, tiny_run: Path) -> None:
+@pytest.mark.slow
+def test_cli_with_post_processing_and_semantics(tmp_path: Path, tiny_run: Path,
+                                                command: Any) -> None:
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
-           "FSRE_OUTPUT_DIR": str(tmp_path / "outputs")}
     args = [f"ckpt_path={ckpt}", "post_process=true",
             f"semantics_dir={make_semantics(tmp_path)}", *TINY_DATA]
-    result = subprocess.run([sys.executable, "-m", "fsre_lightning.evaluate", *args], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = command("evaluate", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("&") == 7 and "6 frames scored" in result.stdout
     written = json.loads((ckpt.parent / "last.eval-synthetic-pp.json").read_text())
@@ -255,8 +253,6 @@ def test_cli_with_post_processing_and_semantics(tmp_path: Path, tiny_run: Path) 
     assert written["settings"]["post_process"] is True
     assert 0.0 <= written["miou"] <= 1.0 and written["num_semantic_images"] == 2
 
-    missing = subprocess.run([sys.executable, "-m", "fsre_lightning.evaluate",
-                              f"ckpt_path={tmp_path / 'missing.ckpt'}", *TINY_DATA], env=env,
-                             capture_output=True, text=True, timeout=300)
+    missing = command("evaluate", [f"ckpt_path={tmp_path / 'missing.ckpt'}", *TINY_DATA])
     assert missing.returncode == 2 and "missing.ckpt" in missing.stderr
     assert "Traceback" not in missing.stderr

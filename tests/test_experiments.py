@@ -4,7 +4,6 @@ a whole smoke sweep with wandb offline, and DDP on two CPU processes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,15 +12,18 @@ from typing import Any
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fsre_lightning import report
-from fsre_lightning.config import ConfigError, validate_config
+from fsre_lightning import reporting as report
+from fsre_lightning.cli import report as report_cli
+from fsre_lightning.cli.train import apply_effective_batch
+from fsre_lightning.config import validate_config
+from fsre_lightning.errors import ConfigError
+from fsre_lightning.runtime import CONFIG_DIR
 from fsre_lightning.sweep import per_process_batch, run_group, world_size
-from fsre_lightning.train import CONFIG_DIR, apply_effective_batch
+from fsre_lightning.testing import command_env, compose_config, run_command
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PAPER_EXPERIMENTS = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin",
@@ -43,8 +45,7 @@ CLAIMS: dict[str, set[str]] = {
 
 
 def _compose(overrides: list[str], hydra: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra)
+    return compose_config("train", overrides, hydra=hydra)
 
 
 def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -77,6 +78,7 @@ def _members(experiment: str, selection: str | None = None) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------ composition
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_resolves_alone_and_with_smoke(experiment: str, tmp_path: Path) -> None:
     """What `--cfg job --resolve` does, in-process: compose, resolve every value, validate."""
@@ -98,6 +100,7 @@ def test_every_experiment_resolves_alone_and_with_smoke(experiment: str, tmp_pat
             assert job.name == experiment  # the sweep folder and the wandb group follow it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smoke", [False, True], ids=["paper", "smoke"])
 @pytest.mark.parametrize("experiment", sorted(CLAIMS))
 def test_sweep_members_differ_only_in_what_the_experiment_claims(experiment: str,
@@ -111,6 +114,7 @@ def test_sweep_members_differ_only_in_what_the_experiment_claims(experiment: str
     assert changed == CLAIMS[experiment]
 
 
+@pytest.mark.slow
 def test_ablations_sweep_the_papers_values_on_the_papers_base_rows() -> None:
     def values(experiment: str, key: str) -> list[Any]:
         return [OmegaConf.select(_compose([f"+experiment={experiment}", *m]), key)
@@ -214,13 +218,13 @@ def test_report_rows_are_swept_values_with_mean_and_spread_over_seeds(tmp_path: 
     values = {(1, 0): 0.20, (1, 1): 0.30, (2, 0): 0.10, (2, 1): 0.14, (4, 0): 0.5,
               (4, 1): 0.5}
     sweep = _fake_sweep(tmp_path, values)
-    assert report.main([str(sweep)]) == 0
+    assert report_cli.main([str(sweep)]) == 0
     text = (sweep / "report.md").read_text()
     ours = [line for line in text.splitlines() if line.startswith("| H = ")]
     assert len(ours) == 3
     assert "| H = 1 (num_heads=1) | 2 | 0.2500 ± 0.0707 |" in ours[0]
     assert "| H = 4 (num_heads=4) | 2 | 0.5000 ± 0.0000 |" in ours[2]
-    assert "| paper: H = 2 | | 0.107 | 0.749 |" in text  # SPEC section 8, beside ours
+    assert "| paper: H = 2 | | 0.107 | 0.749 |" in text  # the paper's row, beside ours
     assert "Not finished (no metrics.json): 9" in text
     assert (sweep / "abs_rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(__import__("csv").DictReader((sweep / "report.csv").open()))
@@ -231,27 +235,22 @@ def test_report_rows_are_swept_values_with_mean_and_spread_over_seeds(tmp_path: 
 
     # The same sweep found by its wandb group and by its experiment folder.
     out = tmp_path / "elsewhere"
-    assert report.main(["ablation_h-2026-01-01_00-00-00", "--outputs", str(tmp_path),
+    assert report_cli.main(["ablation_h-2026-01-01_00-00-00", "--outputs", str(tmp_path),
                         "--out", str(out), "--no-png"]) == 0
     assert (out / "report.md").read_text().splitlines()[4:] == text.splitlines()[4:]
     assert report.find_sweep(str(sweep.parent)) == sweep
-    assert report.main(["no-such-group", "--outputs", str(tmp_path)]) == 2
+    assert report_cli.main(["no-such-group", "--outputs", str(tmp_path)]) == 2
 
 
 # ------------------------------------------------------------------- end to end (slower)
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
-            "FSRE_OUTPUT_DIR": str(tmp_path / "outputs"), **extra}
-
-
 def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fsre_lightning.train", *args], env=env,
-                          capture_output=True, text=True, timeout=1200)
+    return run_command("train", args, env, timeout=1200)
 
 
+@pytest.mark.slow
 def test_ablation_h_smoke_sweep_runs_three_members_logs_wandb_and_reports(
         tmp_path: Path) -> None:
-    env = _env(tmp_path, WANDB_MODE="offline")
+    env = command_env(tmp_path, WANDB_MODE="offline")
     start = time.time()
     result = _train(["+experiment=[ablation_h,smoke]", "--multirun"], env)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -289,8 +288,9 @@ def test_ablation_h_smoke_sweep_runs_three_members_logs_wandb_and_reports(
     print(f"ablation_h smoke sweep: {elapsed:.0f} s")
 
 
+@pytest.mark.slow
 def test_ddp_cpu_two_processes_validate_like_one(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+    env = command_env(tmp_path)
     # 6 training frames: 3 steps an epoch on one process, 1 on each of two (batch 2 each).
     common = ["+experiment=smoke", "logger=csv", "eval_before=true", "trainer.max_steps=2",
               "trainer.max_epochs=2"]
@@ -329,9 +329,10 @@ def test_slurm_launcher_config_follows_the_trainer() -> None:
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 1)
 
 
+@pytest.mark.slow
 def test_same_seed_twice_in_one_sweep_gives_identical_runs(tmp_path: Path) -> None:
     """A seed sweep is one more swept key; on CPU a seed fixes the whole run."""
-    env = _env(tmp_path)
+    env = command_env(tmp_path)
     result = _train(["+experiment=smoke", "logger=csv", "name=seeds", "seed=1,1",
                      "--multirun"], env)
     assert result.returncode == 0, result.stderr[-4000:]

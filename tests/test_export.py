@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from fsre_lightning.checkpointing import CheckpointMismatchError
-from fsre_lightning.config import ConfigError
-from fsre_lightning.export import run, sample_input
-from fsre_lightning.inference import build_inference_model, load_trained_module
-from fsre_lightning.train import CONFIG_DIR
-from tiny_checkpoint import make_mismatched, make_run
+from fsre_lightning.cli.export import run
+from fsre_lightning.errors import ConfigError
+from fsre_lightning.inference.export import sample_input
+from fsre_lightning.inference.model import build_inference_model
+from fsre_lightning.loading import load_module
+from fsre_lightning.testing import compose_config
+from fsre_lightning.testing.checkpoints import make_mismatched, make_run
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +25,17 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(tmp_path: Path, overrides: list[str]):
     base = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'outputs'}"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("export", overrides=[*base, *overrides])
+    return compose_config("export", [*base, *overrides])
 
 
 def _reference(ckpt: Path, image: torch.Tensor, segmentation: bool) -> list[np.ndarray]:
-    module = load_trained_module(ckpt, torch.device("cpu"))
+    module = load_module(ckpt, torch.device("cpu"))
     model = build_inference_model(module, ckpt, segmentation)
     with torch.inference_mode():
         return [t.numpy() for t in model(image)]
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_onnxruntime_with_any_batch(tmp_path: Path, ckpt: Path, capsys) -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -55,6 +56,7 @@ def test_onnx_runs_in_onnxruntime_with_any_batch(tmp_path: Path, ckpt: Path, cap
     assert np.mean(labels == ref_labels) > 0.999
 
 
+@pytest.mark.slow
 def test_torchscript_matches_pytorch(tmp_path: Path, ckpt: Path) -> None:
     summary = run(_cfg(tmp_path, [f"ckpt_path={ckpt}", "format=torchscript"]))
     path = Path(summary["path"])
@@ -69,6 +71,7 @@ def test_torchscript_matches_pytorch(tmp_path: Path, ckpt: Path) -> None:
     np.testing.assert_allclose(depth.numpy(), ref_depth, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_options_are_named(tmp_path: Path, ckpt: Path) -> None:
     other = make_mismatched(tmp_path / "swapped.ckpt")
     with pytest.raises(CheckpointMismatchError, match=r"swapped\.ckpt"):

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from fsre_lightning.data import DataError, KittiDataModule, load_gt_depths, read_split
-from fsre_lightning.data.kitti import velodyne_depth
+from fsre_lightning.cli.export_gt import run
+from fsre_lightning.data import KittiDataModule, load_gt_depths, read_split
+from fsre_lightning.data.velodyne import export_gt_depths, velodyne_depth
+from fsre_lightning.errors import DataError
 from fsre_lightning.evaluation import evaluate_eigen
-from fsre_lightning.export_gt import export_gt_depths, run
-from fsre_lightning.train import CONFIG_DIR
+from fsre_lightning.testing import command_env, compose_config, run_command
 
 DATE = "2011_01_01"
 DRIVE = f"{DATE}/{DATE}_drive_0001_sync"
@@ -54,7 +52,7 @@ def write_scan(path: Path, points: list[list[float]]) -> None:
     np.asarray(points, dtype=np.float32).tofile(path)
 
 
-# Hand-placed points and where SPEC section 5 says they go: {(v, u): depth}.
+# Hand-placed points and where the devkit projection puts them: {(v, u): depth}.
 POINTS = [
     point_at(49, 19, 20.0),    # far point first in the file ...
     point_at(49, 19, 10.0),    # ... the nearer one on the same pixel wins
@@ -174,8 +172,7 @@ def test_export_reports_missing_inputs_before_projecting(tmp_path: Path, problem
 def _compose(tmp_path: Path, overrides: list[str]):
     base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}",
             f"paths.output_dir={tmp_path / 'outputs'}", "progress=false"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("export_gt", overrides=[*base, *overrides])
+    return compose_config("export_gt", [*base, *overrides])
 
 
 def test_config_picks_the_split_folder_and_the_val_file(tmp_path: Path) -> None:
@@ -192,11 +189,12 @@ def test_config_picks_the_split_folder_and_the_val_file(tmp_path: Path) -> None:
 
 
 def _cli(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path), "FSRE_OUTPUT_DIR": str(tmp_path / "out")}
-    return subprocess.run([sys.executable, "-m", "fsre_lightning.export_gt", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    # the data folder is tmp_path itself: split=<name> finds tmp_path/splits/<name>
+    return run_command("export_gt", args, {**command_env(tmp_path), "FSRE_DATA_DIR": str(tmp_path)},
+                       timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_file_and_reports_a_missing_scan_without_traceback(tmp_path: Path) -> None:
     root = make_kitti(tmp_path)
     split_dir = tmp_path / "splits" / "mine"

@@ -8,7 +8,6 @@ from fsre_lightning.geometry import (
     disp_to_depth,
     intrinsics_matrix,
     project,
-    scale_intrinsics,
     transformation_from_parameters,
     warp,
 )
@@ -26,8 +25,6 @@ def test_intrinsics_follow_kitti_normalised_values_and_flip() -> None:
     assert K[0, 2] == pytest.approx(320) and K[1, 2] == pytest.approx(96)
     flipped = intrinsics_matrix(192, 640, normalized=(0.58, 1.92, 0.3, 0.5), flip=True)
     assert flipped[0, 2] == pytest.approx(0.7 * 640)
-    half = scale_intrinsics(K, 1)
-    assert half[0, 0] == pytest.approx(K[0, 0] / 2) and half[2, 2] == 1 and half[3, 3] == 1
 
 
 def test_disp_to_depth_range() -> None:

@@ -1,4 +1,5 @@
-"""Photometric, smoothness and segmentation losses against direct implementations (SPEC 4)."""
+"""Photometric, smoothness and segmentation losses against direct implementations of
+the formulas (docs/design.md section 3)."""
 
 from __future__ import annotations
 

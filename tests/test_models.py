@@ -206,7 +206,7 @@ def _conv1x1(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def _hand_cma(
     cma: CrossTaskAttention, target: torch.Tensor, reference: torch.Tensor, divisor: float
 ) -> torch.Tensor:
-    """SPEC section 3 written out: q from the reference, k and v from the target, head-major."""
+    """CMA written out (design 3.11): q from the reference, k and v from the target, head-major."""
     num_heads, emb = cma.num_heads, cma.embed_channels
     q_all = _conv1x1(cma.query, reference)
     k_all = _conv1x1(cma.key, target)

@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from fsre_lightning.checkpointing import CheckpointMismatchError
-from fsre_lightning.config import ConfigError
-from fsre_lightning.data import DataError
+from fsre_lightning.cli.predict import run
 from fsre_lightning.data.synthetic import render_drive
-from fsre_lightning.inference import camera_height_scale, ground_mask
-from fsre_lightning.predict import run
-from fsre_lightning.train import CONFIG_DIR
-from tiny_checkpoint import make_mismatched, make_run
+from fsre_lightning.errors import ConfigError, DataError
+from fsre_lightning.inference.scale import camera_height_scale, ground_mask
+from fsre_lightning.testing import compose_config
+from fsre_lightning.testing.checkpoints import make_mismatched, make_run
 
 # Native frames larger than the network input (64 x 192), so resizing back is visible.
 NATIVE = (80, 240)
@@ -42,8 +40,7 @@ def scenes() -> list[np.ndarray]:
 def _cfg(tmp_path: Path, overrides: list[str]):
     base = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'outputs'}",
             "progress=false", "device=cpu"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("predict", overrides=[*base, *overrides])
+    return compose_config("predict", [*base, *overrides])
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 5.0) -> Path:
@@ -55,6 +52,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 5.0) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_folder_of_images_at_input_size_with_segmentation(tmp_path: Path, ckpt: Path,
                                                          scenes: list[np.ndarray]) -> None:
     folder = tmp_path / "frames"
@@ -83,6 +81,7 @@ def test_folder_of_images_at_input_size_with_segmentation(tmp_path: Path, ckpt: 
     assert not HAS_VIDEO or (out / "side_by_side.mp4").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_video_at_network_size_with_npz_scale_and_side_by_side(
         tmp_path: Path, ckpt: Path, scenes: list[np.ndarray]) -> None:
     video = write_video(tmp_path / "drive.mp4", scenes)
@@ -126,6 +125,7 @@ def test_camera_height_gives_metric_scale_on_a_flat_ground() -> None:
         4.0, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_camera_height_run_writes_per_frame_scales(tmp_path: Path, ckpt: Path,
                                                    scenes: list[np.ndarray]) -> None:
     image = tmp_path / "one.jpg"
@@ -139,6 +139,7 @@ def test_camera_height_run_writes_per_frame_scales(tmp_path: Path, ckpt: Path,
     assert not (out / "one_seg.png").exists()  # the road was used, but not asked for
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_file(tmp_path: Path, ckpt: Path) -> None:
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"this is not a video" * 100)
@@ -166,6 +167,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path, ckpt: Path) -> None:
                             "camera_height=1.5", f"output={tmp_path}/o"]))
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_input_in_one_line(tmp_path: Path, ckpt: Path) -> None:
     empty = tmp_path / "nothing_here"
     empty.mkdir()

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fsre_lightning import pseudolabel
-from fsre_lightning.data import DataError, KittiDataModule
-from fsre_lightning.data import kitti as kitti_module
-from fsre_lightning.data.kitti import LABEL_ID_TO_TRAIN_ID
-from kitti_layout import DRIVE, expected_train_ids, label_ids_image, make_kitti
+from fsre_lightning.cityscapes import LABEL_ID_TO_TRAIN_ID
+from fsre_lightning.cli import pseudolabel as pseudolabel_cli
+from fsre_lightning.data import KittiDataModule
+from fsre_lightning.data import kitti_cache as cache_module
+from fsre_lightning.data import pseudolabels as pseudolabel
+from fsre_lightning.errors import DataError
+from fsre_lightning.testing.kitti import DRIVE, expected_train_ids, label_ids_image, make_kitti
 
 H, W = 64, 192
 
@@ -34,7 +36,7 @@ def test_import_maps_label_ids_to_train_ids(tmp_path: Path, capsys) -> None:
         0, 13, 255)
     root = make_kitti(tmp_path)
     cache_dir = tmp_path / "cache"
-    assert pseudolabel.main(cli(root, cache_dir)) == 0
+    assert pseudolabel_cli.main(cli(root, cache_dir)) == 0
     out = capsys.readouterr().out
     assert "labels_files_train_64x192.npy: 4 frames" in out and "labels_files_val" in out
 
@@ -51,7 +53,7 @@ def test_import_maps_label_ids_to_train_ids(tmp_path: Path, capsys) -> None:
                          label_format="label_ids", frame_cache=True, cache_dir=cache_dir,
                          flip_prob=0.0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kitti_module, "decode_label", lambda *a: pytest.fail("label cache rebuilt"))
+        mp.setattr(cache_module, "decode_label", lambda *a: pytest.fail("label cache rebuilt"))
         dm.setup("fit")
     item = dm.datasets["train"][0]
     assert torch.equal(item["labels"], torch.from_numpy(want.astype(np.int64)))
@@ -76,12 +78,12 @@ def test_missing_labels_are_listed_or_void(tmp_path: Path, capsys) -> None:
     root = make_kitti(tmp_path)
     gone = root / "segmentation" / DRIVE / "image_02" / "0000000003.png"
     gone.unlink()
-    assert pseudolabel.main(cli(root, tmp_path / "cache")) == 2
+    assert pseudolabel_cli.main(cli(root, tmp_path / "cache")) == 2
     err = capsys.readouterr().err
     assert "1 pseudo-labels missing" in err and str(gone) in err and "--allow-missing" in err
     assert not (tmp_path / "cache" / "labels_files_train_64x192.npy").exists()
 
-    assert pseudolabel.main(cli(root, tmp_path / "cache", "--allow-missing")) == 0
+    assert pseudolabel_cli.main(cli(root, tmp_path / "cache", "--allow-missing")) == 0
     assert f"1 without a label (void), e.g. ['{DRIVE} 3 l']" in capsys.readouterr().out
     cache = np.load(tmp_path / "cache" / "labels_files_train_64x192.npy")
     assert np.all(cache[2] == 255) and np.array_equal(cache[1], nearest(expected_train_ids()))
@@ -91,16 +93,16 @@ def test_import_names_a_label_of_the_wrong_size(tmp_path: Path, capsys) -> None:
     root = make_kitti(tmp_path)
     bad = root / "segmentation" / DRIVE / "image_02" / "0000000002.png"
     Image.fromarray(label_ids_image((200, 60))).save(bad)
-    assert pseudolabel.main(cli(root, tmp_path / "cache")) == 2
+    assert pseudolabel_cli.main(cli(root, tmp_path / "cache")) == 2
     assert str(bad) in capsys.readouterr().err
 
 
 def test_bad_arguments_are_reported(tmp_path: Path, capsys) -> None:
     root = make_kitti(tmp_path)
-    assert pseudolabel.main([*cli(root, tmp_path / "c")[:-1], "--height", "100"]) == 2
-    assert "--height 100" in capsys.readouterr().err
+    assert pseudolabel_cli.main([*cli(root, tmp_path / "c")[:-1], "--height", "100"]) == 2
+    assert "--height=100 is not allowed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        pseudolabel.main(["import", "--help"])
+        pseudolabel_cli.main(["import", "--help"])
     assert "--label-format" in capsys.readouterr().out
 
 
@@ -188,7 +190,7 @@ def test_training_reads_predicted_labels(tmp_path: Path, tiny_segformer: Path, c
         dm.setup("fit")
     argv = cli(root, cache_dir, "--model", str(tiny_segformer), "--device", "cpu",
                "--infer-size", "64", "224", source="predict")
-    assert pseudolabel.main(argv) == 0, capsys.readouterr().err
+    assert pseudolabel_cli.main(argv) == 0, capsys.readouterr().err
     dm.setup("fit")
     train = dm.datasets["train"]
     cache = np.load(cache_dir / "labels_predicted_train_64x192.npy")

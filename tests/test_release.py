@@ -19,18 +19,20 @@ import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 
-from fsre_lightning.checkpointing import CheckpointMismatchError, load_initial_weights
-from fsre_lightning.config import ConfigError, validate_config
-from fsre_lightning.import_reference import main as import_main
-from fsre_lightning.models import (
-    FSRENetwork,
-    PoseNetwork,
+from fsre_lightning.checkpointing import CheckpointMismatchError
+from fsre_lightning.cli.import_reference import main as import_main
+from fsre_lightning.config import validate_config
+from fsre_lightning.errors import ConfigError
+from fsre_lightning.loading import load_initial_weights
+from fsre_lightning.models import FSRENetwork, PoseNetwork
+from fsre_lightning.module import FSREModule
+from fsre_lightning.reference import (
     ReleaseFormatError,
     load_reference_release,
     save_reference_release,
 )
-from fsre_lightning.module import FSREModule
-from fsre_lightning.train import CONFIG_DIR
+from fsre_lightning.runtime import CONFIG_DIR
+from fsre_lightning.testing import compose_config
 
 SIZE = (64, 192)
 CH = (16, 32, 64, 128, 256)
@@ -233,6 +235,7 @@ def test_round_trip_cma_gives_identical_outputs(cma_release, images) -> None:
          "encoder.fc.weight", "encoder.fc.bias"])
 
 
+@pytest.mark.slow
 def test_round_trip_resnet50_depth_only(tmp_path: Path, images) -> None:
     torch.manual_seed(0)
     depth = randomise(FSRENetwork(encoder="resnet50", cma_scales=[], segmentation=False), 2)
@@ -245,6 +248,7 @@ def test_round_trip_resnet50_depth_only(tmp_path: Path, images) -> None:
                     ) == 0.0
 
 
+@pytest.mark.slow
 def test_paper_attention_scaling_is_folded_into_the_queries(tmp_path: Path, images) -> None:
     depth = make_depth(seed=4, attention_scale="paper", num_heads=2, cma_scales=[4, 3])
     save_reference_release(depth, None, tmp_path, *SIZE)
@@ -264,6 +268,7 @@ def test_paper_attention_scaling_is_folded_into_the_queries(tmp_path: Path, imag
     assert max_diff(expected, outputs(wrong, None, *images)) > 1e-3
 
 
+@pytest.mark.slow
 def test_monodepth2_two_frame_pose_decoder_and_extras(tmp_path: Path, images) -> None:
     """Monodepth2 predicts two frames (12 outputs, the first six used), stores use_stereo, and
     a release from PyTorch < 0.4.1 has no num_batches_tracked."""
@@ -322,6 +327,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_state_dict_of_another_architecture(tmp_path: Path, cma_release) -> None:
     folder = _copy(cma_release[0], tmp_path / "vgg")
     vgg = torchvision.models.vgg11(weights=None).features.state_dict()
@@ -346,6 +352,7 @@ def test_state_dict_of_another_architecture(tmp_path: Path, cma_release) -> None
         load_reference_release(folder)
 
 
+@pytest.mark.slow
 def test_missing_unexpected_and_truncated(tmp_path: Path, cma_release) -> None:
     folder = _copy(cma_release[0], tmp_path / "edited")
     state = load(folder / "decoder.pth")
@@ -400,9 +407,11 @@ def test_what_the_reference_layout_cannot_hold(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- import, evaluate
+@pytest.mark.slow
 def test_import_then_evaluate_end_to_end(tmp_path: Path, cma_release, images, capsys) -> None:
     folder, depth, pose = cma_release
-    ckpt = import_main([str(folder), "--out", str(tmp_path / "fsre.ckpt")])
+    assert import_main([str(folder), "--out", str(tmp_path / "fsre.ckpt")]) == 0
+    ckpt = tmp_path / "fsre.ckpt"
     printed = capsys.readouterr().out
     assert "ResNet-18" in printed and "s = 4, 3, 2 (paper l = 0, 1, 2)" in printed
     assert "H = 4 x r = 2" in printed and "64 x 192" in printed and "parameters" in printed
@@ -412,12 +421,11 @@ def test_import_then_evaluate_end_to_end(tmp_path: Path, cma_release, images, ca
     assert max_diff(outputs(depth, pose, *images), outputs(module.net, module.pose_net, *images)
                     ) == 0.0
 
-    from fsre_lightning.evaluate import run
+    from fsre_lightning.cli.evaluate import run
 
     base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
             f"paths.output_dir={tmp_path / 'outputs'}", *TINY_DATA]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[*base, f"ckpt_path={ckpt}"])
+    cfg = compose_config("evaluate", [*base, f"ckpt_path={ckpt}"])
     results = run(cfg)
     assert results["num_frames"] == 6 and 0 < results["abs_rel"] < 10
     # the release's own training size, stored in the checkpoint, not data.height (96)
@@ -425,18 +433,18 @@ def test_import_then_evaluate_end_to_end(tmp_path: Path, cma_release, images, ca
 
 
 def test_import_errors_are_one_line(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        import_main([str(tmp_path)])
-    assert exit_info.value.code == 2
+    assert import_main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fsre_lightning.import_reference: error: ")
     assert "no encoder.pth" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------- fine-tuning
+@pytest.mark.slow
 def test_init_weights_from_checkpoint_and_folder(tmp_path: Path, cma_release, images) -> None:
     folder, depth, pose = cma_release
-    ckpt = import_main([str(folder), "--out", str(tmp_path / "fsre.ckpt")])
+    assert import_main([str(folder), "--out", str(tmp_path / "fsre.ckpt")]) == 0
+    ckpt = tmp_path / "fsre.ckpt"
     expected = outputs(depth, pose, *images)
     network = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
     pose_cfg = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
@@ -460,8 +468,10 @@ def test_init_weights_config_key(tmp_path: Path) -> None:
         validate_config(cfg, "train")
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_from_an_imported_release(tmp_path: Path, cma_release) -> None:
-    ckpt = import_main([str(cma_release[0]), "--out", str(tmp_path / "fsre.ckpt")])
+    assert import_main([str(cma_release[0]), "--out", str(tmp_path / "fsre.ckpt")]) == 0
+    ckpt = tmp_path / "fsre.ckpt"
     env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
            "FSRE_OUTPUT_DIR": str(tmp_path / "outputs"), "WANDB_MODE": "disabled"}
     args = [*TINY_DATA, "logger=csv", "data.height=64", "data.width=192",
@@ -477,7 +487,7 @@ def test_train_fine_tunes_from_an_imported_release(tmp_path: Path, cma_release) 
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
     # another architecture fails before training, naming the settings to change
-    from fsre_lightning.train import run
+    from fsre_lightning.cli.train import run
 
     overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
                  f"paths.output_dir={tmp_path / 'outputs'}", f"paths.run_dir={tmp_path / 'bad'}",

@@ -18,11 +18,14 @@ from torch.utils.data import DataLoader
 
 import fsre_lightning.module as module_mod
 from fsre_lightning.callbacks import CheckpointOnInterrupt
-from fsre_lightning.data import DataError, KittiDataModule
-from fsre_lightning.data.kitti import SkippedSample, collate
+from fsre_lightning.data import KittiDataModule
+from fsre_lightning.data.dataset import SkippedSample, collate
+from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import intrinsics_matrix
-from fsre_lightning.module import FSREModule, NonFiniteLossError
-from kitti_layout import DRIVE, make_kitti
+from fsre_lightning.module import FSREModule
+from fsre_lightning.nonfinite import NonFiniteLossError
+from fsre_lightning.testing import optimiser_configs
+from fsre_lightning.testing.kitti import DRIVE, make_kitti
 
 H, W = 64, 128
 NET = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet10t",
@@ -31,11 +34,12 @@ POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet10t",
         "pretrained": False}
 
 
-def make_module(**kwargs: Any) -> FSREModule:
+def make_module(warmup_steps: int = 0, **kwargs: Any) -> FSREModule:
     torch.manual_seed(0)
     return FSREModule(network=NET, pose_network=POSE,
                       loss={"segmentation_weight": 0.0, "sgt_weight": 0.0},
-                      image_log_every_n_steps=0, **kwargs)
+                      image_log_every_n_steps=0, **kwargs, **optimiser_configs(
+                          scheduler_args={"warmup_steps": warmup_steps}))
 
 
 def make_trainer(max_steps: int, callbacks: list[pl.Callback] | None = None,
@@ -74,6 +78,7 @@ def make_dm(root: Path, tmp_path: Path, **kwargs: Any) -> KittiDataModule:
     return KittiDataModule(**{**args, **kwargs})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frame_cache", [False, True])
 def test_bad_files_are_skipped_counted_and_logged_once(
         tmp_path: Path, frame_cache: bool, caplog: pytest.LogCaptureFixture) -> None:
@@ -168,15 +173,16 @@ class Snapshots(pl.Callback):
                                        for p in pl_module.parameters()]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loss", "gradients"])
 def test_nonfinite_step_is_skipped_without_touching_optimiser_or_schedule(
         monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     poison(monkeypatch, call=2, kind=kind)
-    module = make_module(nonfinite="skip", scheduler={"warmup_steps": 10})
+    module = make_module(nonfinite="skip", warmup_steps=10)
     snapshots = Snapshots()
     trainer = make_trainer(max_steps=3, callbacks=[snapshots])
     trainer.fit(module, train_dataloaders=batches(3))
-    assert module.skipped_nonfinite == 1
+    assert module.nonfinite.skipped == 1
     assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 1
     w0, w1, w2 = snapshots.weights
     assert torch.equal(w0, w1) and not torch.equal(w1, w2)  # batch 2 changed nothing
@@ -188,6 +194,7 @@ def test_nonfinite_step_is_skipped_without_touching_optimiser_or_schedule(
     assert warmup.last_epoch == 2  # the warm-up did not advance on the skipped batch
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_names_term_and_frames_and_keeps_last_good_checkpoint(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     poison(monkeypatch, call=2, kind="loss")

@@ -24,9 +24,10 @@ from fsre_lightning.checkpointing import (
     check_state_dict_compatible,
     find_last_checkpoint,
 )
+from fsre_lightning.cli.train import resolve_ckpt_path
 from fsre_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from fsre_lightning.module import FSREModule
-from fsre_lightning.train import CONFIG_DIR, PREEMPTED_EXIT_CODE, resolve_ckpt_path
+from fsre_lightning.runtime import CONFIG_DIR, PREEMPTED_EXIT_CODE
 
 # The tiny synthetic world of test_train_cli, the Monodepth2 baseline (the cheapest model; the
 # resume machinery does not depend on it), flips and colour jitter on (the data defaults),
@@ -125,6 +126,7 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b, (where, a, b)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(
         env: dict[str, str]) -> None:
     outputs = Path(env["FSRE_OUTPUT_DIR"])
@@ -168,6 +170,7 @@ def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(
     assert not module.has_segmentation
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_exits_with_a_resume_hint(
         env: dict[str, str]) -> None:
     run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "preempted" / "run"
@@ -232,6 +235,7 @@ def test_ckpt_path_last_takes_the_newest_run_and_fails_clearly_without_one(
         resolve_ckpt_path(OmegaConf.merge(cfg, {"ckpt_path": str(tmp_path / "nope.ckpt")}))
 
 
+@pytest.mark.slow
 def test_resuming_another_architecture_fails_before_training_naming_the_keys(
         env: dict[str, str], tmp_path: Path) -> None:
     full = FSREModule(
@@ -328,7 +332,7 @@ def test_per_sample_draws_are_distinct_and_independent_of_workers() -> None:
 def test_slurm_jobs_get_lightnings_auto_requeue(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from fsre_lightning.train import trainer_plugins
+    from fsre_lightning.cli.train import trainer_plugins
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]

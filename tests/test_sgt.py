@@ -1,4 +1,4 @@
-"""Semantics-guided triplet loss against a slow, loop-over-anchors implementation (SPEC 4)."""
+"""Semantics-guided triplet loss against a slow, loop-over-anchors implementation (design 3.10)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _slow_sgt(
     margin: float = 0.3,
     threshold: int | None = None,
 ) -> torch.Tensor:
-    """SPEC's definition, one anchor and one patch pixel at a time."""
+    """The definition (design 3.10), one anchor and one patch pixel at a time."""
     t = kernel_size - 1 if threshold is None else threshold
     p = kernel_size // 2
     b, _, h, w = features.shape

@@ -20,7 +20,7 @@ from fsre_lightning.losses import photometric_loss, photometric_losses, ssim_tar
 from fsre_lightning.models.cma import CrossTaskAttention
 from fsre_lightning.module import FSREModule
 from fsre_lightning.objective import compute_losses
-from plain_objective import plain_compute_losses
+from fsre_lightning.testing.objective import plain_compute_losses
 
 H, W = 64, 64
 FULL = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
@@ -65,6 +65,7 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     ids=["full", "full-monodepth2-weighting-checkpointed-nhwc",
          "monodepth2-no-automask-no-loss-recompute", "ce-sgt-compiled-photometric"],
 )
+@pytest.mark.slow
 def test_optimised_step_matches_plain_composition(
     network, loss, options, recompute, monkeypatch
 ) -> None:
@@ -143,6 +144,7 @@ def test_cma_fused_weights_equal_the_literal_q_k_v_formulation(heads: int) -> No
     assert float(literal_grads[0].abs().sum()) > 0
 
 
+@pytest.mark.slow
 def test_speed_options_keep_parameter_names_and_set_the_network_up() -> None:
     net = {**FULL, "segmentation": False, "cma_scales": []}
     plain = FSREModule(network=net, pose_network=POSE)

@@ -3,66 +3,43 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from fsre_lightning.train import CONFIG_DIR
+from fsre_lightning.runtime import CONFIG_DIR
+from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
-# A tiny synthetic world so that generation and training take seconds.
-TINY = [
-    "data=synthetic",
-    "logger=csv",
-    "data.height=64",
-    "data.width=192",
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "++data.synthetic.num_drives=3",
-    "++data.synthetic.frames_per_drive=8",
-    "++data.synthetic.height=64",
-    "++data.synthetic.width=192",
-    "trainer.limit_val_batches=2",
-    "callbacks.progress_bar=null",
-]
-
-
-def _run(args: list[str], tmp_path: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
-           "FSRE_OUTPUT_DIR": str(tmp_path / "outputs"), "WANDB_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "-m", "fsre_lightning.train", *args],
-        env=env, capture_output=True, text=True, timeout=600, **kwargs,
-    )
+TINY = [*TINY_SYNTHETIC, "logger=csv", "trainer.limit_val_batches=2",
+        "callbacks.progress_bar=null"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment: str) -> None:
     from fsre_lightning.config import validate_config
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"+experiment={experiment}"])
-    validate_config(cfg)
+    cfg = compose_config("train", [f"+experiment={experiment}"])
+    validate_config(cfg, "train")
     assert cfg.model.network._target_ == "fsre_lightning.models.FSRENetwork"
 
 
-def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
-    result = _run([f"+experiment={EXPERIMENTS[0]}", "--cfg", "job"], tmp_path)
+@pytest.mark.slow
+def test_cfg_job_prints_the_composed_config(command: Any) -> None:
+    result = command("train", [f"+experiment={EXPERIMENTS[0]}", "--cfg", "job"])
     assert result.returncode == 0, result.stderr
     assert "sgt_kernel_size: 5" in result.stdout and "cma_scales:" in result.stdout
 
 
 def test_monodepth2_model_drops_every_semantic_part() -> None:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model=monodepth2"])
+    cfg = compose_config("train", ["model=monodepth2"])
     assert cfg.model.network.segmentation is False
     assert list(cfg.model.network.cma_scales) == []
     assert cfg.loss.segmentation_weight == 0 and cfg.loss.sgt_weight == 0
@@ -70,12 +47,13 @@ def test_monodepth2_model_drops_every_semantic_part() -> None:
     assert cfg.model._target_ == "fsre_lightning.module.FSREModule"
 
 
-def test_two_steps_write_checkpoints_config_and_metrics(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_two_steps_write_checkpoints_config_and_metrics(tmp_path: Path, command: Any) -> None:
     run_dir = tmp_path / "run"
     # eval_before then mid-training validation: metric states reset under inference mode
     # must still accept updates during fit.
-    result = _run([*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
-                   "eval_before=true", f"hydra.run.dir={run_dir}"], tmp_path)
+    result = command("train", [*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                               "eval_before=true", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 2
@@ -88,10 +66,10 @@ def test_two_steps_write_checkpoints_config_and_metrics(tmp_path: Path) -> None:
     assert ckpt["global_step"] == 2
 
 
-def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path, command: Any) -> None:
     run_dir = tmp_path / "run"
-    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
-           "FSRE_OUTPUT_DIR": str(tmp_path / "outputs")}
+    env = command_env(tmp_path)
     args = [*TINY, "model=monodepth2", "trainer.max_steps=100000",
             "callbacks.last_checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "fsre_lightning.train", *args], env=env,
@@ -112,8 +90,8 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path) -> None:
     assert step >= 1
 
     resumed_dir = tmp_path / "resumed"
-    result = _run([*TINY, "model=monodepth2", f"trainer.max_steps={step + 2}",
-                   f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"], tmp_path)
+    result = command("train", [*TINY, "model=monodepth2", f"trainer.max_steps={step + 2}",
+                               f"ckpt_path={last}", f"hydra.run.dir={resumed_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((resumed_dir / "metrics.json").read_text())["global_step"] == step + 2
 
@@ -129,10 +107,11 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path) -> None:
         ("data.root=/nonexistent/kitti", "/nonexistent/kitti"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_fails_before_training_with_a_clear_message(
-    tmp_path: Path, override: str, fragment: str
+    tmp_path: Path, command: Any, override: str, fragment: str
 ) -> None:
-    result = _run([*TINY, "data.synthetic=null", override], tmp_path)
+    result = command("train", [*TINY, "data.synthetic=null", override])
     assert result.returncode != 0
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
+from fsre_lightning.testing import optimiser_configs
 
 H, W = 64, 192
 
@@ -12,7 +14,7 @@ FULL = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18",
         "cma_scales": [4, 3, 2]}
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
 
-# (network overrides, loss overrides): the rows of SPEC section 8's table.
+# (network overrides, loss overrides): the rows of the paper's Table 1b.
 VARIANTS = {
     "monodepth2": ({"segmentation": False, "cma_scales": []},
                    {"segmentation_weight": 0.0, "sgt_weight": 0.0}),
@@ -37,13 +39,13 @@ def make_batch(b: int = 2, seed: int = 0) -> dict:
 def make_module(variant: str) -> FSREModule:
     net_over, loss_over = VARIANTS[variant]
     return FSREModule(network={**FULL, **net_over}, pose_network=POSE, loss=loss_over,
-                      image_log_every_n_steps=0)
+                      image_log_every_n_steps=0, **optimiser_configs())
 
 
 def test_lr_schedule_warmup_per_step_then_paper_milestones_per_epoch() -> None:
     module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
-                        optimizer={"lr": 1e-3},
-                        scheduler={"milestones": [2], "gamma": 0.1, "warmup_steps": 4})
+                        **optimiser_configs(optimizer_args={"lr": 1e-3}, scheduler_args={
+                            "milestones": [2], "gamma": 0.1, "warmup_steps": 4}))
     (optimizer,), schedulers = module.configure_optimizers()
     by_interval = {s["interval"]: s["scheduler"] for s in schedulers}
     lrs = []
@@ -55,14 +57,29 @@ def test_lr_schedule_warmup_per_step_then_paper_milestones_per_epoch() -> None:
     for _ in range(2):
         by_interval["epoch"].step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
-    (_,), plain = FSREModule(network={**FULL, "cma_scales": []},
-                             pose_network=POSE).configure_optimizers()
+    (_,), plain = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
+                             **optimiser_configs()).configure_optimizers()
     assert [s["interval"] for s in plain] == ["epoch"]
+
+
+def test_adamw_and_cosine_are_selectable_and_a_module_without_them_cannot_train() -> None:
+    module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
+                        **optimiser_configs("adamw", "cosine", scheduler_args={"T_max": 4}))
+    (optimizer,), (schedule,) = module.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 1e-2
+    assert type(schedule["scheduler"]) is torch.optim.lr_scheduler.CosineAnnealingLR
+    for _ in range(4):
+        optimizer.step()
+        schedule["scheduler"].step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    bare = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE)
+    with pytest.raises(ConfigError, match=r"model\.optimizer or model\.scheduler"):
+        bare.configure_optimizers()
 
 
 def test_pose_network_gets_its_own_learning_rate() -> None:
     module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
-                        optimizer={"lr": 2e-4, "pose_lr_scale": 5.0})
+                        **optimiser_configs(optimizer_args={"lr": 2e-4, "pose_lr_scale": 5.0}))
     (optimizer,), _ = module.configure_optimizers()
     depth_group, pose_group = optimizer.param_groups
     assert depth_group["lr"] == pytest.approx(2e-4) and pose_group["lr"] == pytest.approx(1e-3)
@@ -71,12 +88,14 @@ def test_pose_network_gets_its_own_learning_rate() -> None:
     assert len(depth_group["params"]) + len(pose_group["params"]) == n_all
 
 
+@pytest.mark.slow
 def test_adam_is_fused_by_default_and_matches_the_per_parameter_loop() -> None:
-    module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE)
+    module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
+                        **optimiser_configs())
     (fused,), _ = module.configure_optimizers()
     assert fused.defaults["fused"] is True
     looped_module = FSREModule(network={**FULL, "cma_scales": []}, pose_network=POSE,
-                               optimizer={"fused": False})
+                               **optimiser_configs(optimizer_args={"fused": False}))
     looped_module.load_state_dict(module.state_dict())
     (looped,), _ = looped_module.configure_optimizers()
     assert not looped.defaults["fused"]
@@ -91,6 +110,7 @@ def test_adam_is_fused_by_default_and_matches_the_per_parameter_loop() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_one_training_step_updates_every_used_parameter(variant: str) -> None:
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Velodyne ground truth against a direct, point-by-point implementation of SPEC section 5."""
+"""Velodyne ground truth against a direct, point-by-point implementation (design 4.2)."""
 
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from fsre_lightning.data.velodyne import (
     velodyne_depth,
     velodyne_to_image,
 )
+from fsre_lightning.errors import DataError
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "kitti_sample" / "2011_09_26"
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/kitti_sample not present")
@@ -61,5 +62,5 @@ def test_real_scan_matches_the_direct_implementation() -> None:
 
 
 def test_missing_calibration_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"calib_cam_to_cam\.txt"):
+    with pytest.raises(DataError, match=r"calibration file .*calib_cam_to_cam\.txt not found"):
         velodyne_to_image(tmp_path)

@@ -12,13 +12,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from fsre_lightning.config import ConfigError, validate_config
-from fsre_lightning.data import DataError
-from fsre_lightning.data.kitti import read_split
+from fsre_lightning.cli.train import run
+from fsre_lightning.config import validate_config
+from fsre_lightning.data.layout import read_split
 from fsre_lightning.data.synthetic import render_drive
 from fsre_lightning.data.video_folder import VideoFolderDataModule, split_lines
-from fsre_lightning.inference import training_intrinsics
-from fsre_lightning.train import CONFIG_DIR, run
+from fsre_lightning.errors import ConfigError, DataError
+from fsre_lightning.loading import training_intrinsics
+from fsre_lightning.runtime import CONFIG_DIR
+from fsre_lightning.testing import compose_config
 
 H, W = 64, 192
 
@@ -66,7 +68,8 @@ def test_layout_split_and_pixel_intrinsics(tmp_path: Path) -> None:
                                   intrinsics=[0.58, 1.92, 0.5, 0.5], val_fraction=0.25,
                                   height=H, width=W, use_labels=False)
     again.prepare_layout()
-    assert again.split_entries("train") + again.split_entries("val") == 6
+    assert sum(len(read_split(again.split_dir / f"{again.splits[s]}_files.txt"))
+               for s in ("train", "val")) == 6
     manifest = json.loads((again.root / "layout.json").read_text())
     assert len(manifest["sequences"]["b"]) == 5
     assert split_lines({"s": list(range(9))}, [0, -1, 1], 0.3, seed=3) == split_lines(
@@ -103,8 +106,7 @@ def test_bad_folders_and_settings(tmp_path: Path) -> None:
                               ).prepare_data()
     with pytest.raises(ConfigError, match=r"data\.intrinsics"):
         VideoFolderDataModule(root=mixed, **{**common, "intrinsics": None})
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["data=video_folder", f"paths.root_dir={tmp_path}"])
+    cfg = compose_config("train", ["data=video_folder", f"paths.root_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.root=None .* required with data=video_folder"):
         validate_config(cfg, "train")
     labelled = VideoFolderDataModule(root=mixed, **{**common, "use_labels": True})
@@ -123,9 +125,10 @@ class _StubSegFormer(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
+@pytest.mark.slow
 def test_video_folder_config_trains_two_steps(tmp_path: Path, monkeypatch) -> None:
     root = write_sequences(tmp_path / "videos", {"a": 6, "b": 6})
-    from fsre_lightning import pseudolabel
+    from fsre_lightning.data import pseudolabels as pseudolabel
 
     # The data module runs `pseudolabel predict`; only the SegFormer weights are stubbed.
     monkeypatch.setattr(pseudolabel, "load_segformer",

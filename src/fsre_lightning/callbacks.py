@@ -11,6 +11,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from fsre_lightning.nonfinite import NonFiniteLossError
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,6 @@ class CheckpointOnInterrupt(pl.Callback):
             return
         # model.nonfinite=stop: the state at hand produced NaN/inf; the last good checkpoint
         # on disk must not be overwritten by it.
-        from fsre_lightning.module import NonFiniteLossError
-
         if isinstance(exception, NonFiniteLossError):
             return
         trainer.save_checkpoint(self.path)

@@ -22,11 +22,15 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from fsre_lightning.errors import UserError
+
 # How many keys of each kind an error message lists before it says "... and N more".
 MAX_KEYS_SHOWN = 8
+# A checkpoint entry beside Lightning's: the network input (height, width) it was trained at.
+INPUT_SIZE_KEY = "input_size"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's weights do not fit the model the config builds."""
 
 
@@ -149,92 +153,3 @@ def check_state_dict_compatible(model: torch.nn.Module, state_dict: Mapping[str,
         + "; ".join(parts)
         + ". Use the model config the checkpoint was trained with (its run folder's "
         "config.yaml), or start without ckpt_path")
-
-
-# Network settings that never change the weights' meaning, so never worth a hint.
-_NOT_ARCHITECTURE = frozenset({"_target_", "pretrained", "weights_path"})
-
-
-def _network_settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A network config with FSRENetwork's defaults filled in (hyper-parameters store only
-    what the config named)."""
-    import inspect
-
-    from fsre_lightning.models import FSRENetwork
-
-    defaults = {name: p.default for name, p in inspect.signature(FSRENetwork).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    merged = {**defaults, **dict(config or {})}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items()
-            if k not in _NOT_ARCHITECTURE}
-
-
-def _attention_scale(module: torch.nn.Module) -> str | None:
-    cma = [m for m in module.modules() if hasattr(m, "temperature") and hasattr(m, "scale")]
-    return cma[0].scale if cma else None
-
-
-def load_initial_weights(module: torch.nn.Module, source: str | os.PathLike[str]) -> str:
-    """Copy weights into `module` (an FSREModule) to start a fine-tuning run; returns a summary.
-
-    `source` is a Lightning checkpoint (e.g. written by `import_reference` or by a training
-    run) or a reference release folder (FSRE-Depth / Monodepth2 `.pth` files). Weights only:
-    the optimiser, schedule and step count start afresh. The model the config builds must have
-    the same architecture; a mismatch is a CheckpointMismatchError naming the keys and the
-    network settings to change. CMA query weights are rescaled exactly when the source and
-    the config use different `attention_scale`s, so the fine-tuning starts from the source's
-    outputs.
-    """
-    from fsre_lightning.models.release import (
-        ReleaseFormatError,
-        load_reference_release,
-        rescale_queries,
-    )
-
-    path = Path(source).expanduser()
-    ours = _attention_scale(module.net) or "reference"
-    theirs: str | None = ours
-    settings: dict[str, Any] | None = None
-    if path.is_dir():
-        try:
-            release = load_reference_release(path, attention_scale=ours)
-        except ReleaseFormatError as err:
-            raise CheckpointMismatchError(f"init_weights={str(path)!r}: {err}") from err
-        state = {f"net.{k}": v for k, v in release.depth.state_dict().items()}
-        if release.pose is not None:
-            state.update({f"pose_net.{k}": v for k, v in release.pose.state_dict().items()})
-        else:  # Monodepth2 stereo releases have no pose network: keep the config's own init
-            state.update({k: v for k, v in module.state_dict().items()
-                          if k.startswith("pose_net.")})
-        settings = _network_settings(release.layout.network_config(ours))
-        what = f"release folder {path} ({'with' if release.pose else 'without'} pose network)"
-    else:
-        if not path.exists():
-            raise FileNotFoundError(f"init_weights={str(path)!r}: no such checkpoint file or "
-                                    "release folder")
-        checkpoint = load_checkpoint_weights_only(path)
-        state = dict(checkpoint["state_dict"])
-        network = (checkpoint.get("hyper_parameters") or {}).get("network")
-        if isinstance(network, Mapping):
-            settings = _network_settings(network)
-            theirs = settings.get("attention_scale")
-        what = f"checkpoint {path}"
-    try:
-        check_state_dict_compatible(module, state, source=f"init_weights={str(path)!r}")
-    except CheckpointMismatchError as err:
-        hint = ""
-        if settings is not None:
-            current = _network_settings(getattr(module, "hparams", {}).get("network"))
-            diff = [f"model.network.{k}={settings[k]}" for k in sorted(settings)
-                    if k in current and current[k] != settings[k]]
-            if diff:
-                hint = f". The source was built with {' '.join(diff)}"
-        raise CheckpointMismatchError(f"{err}{hint}") from err
-    if theirs in ("paper", "reference") and theirs != ours:
-        heads = [m.num_heads for m in module.net.modules() if hasattr(m, "temperature")]
-        if heads:
-            # paper -> reference multiplies queries by sqrt(H); the reverse divides.
-            factor = heads[0] ** 0.5 if ours == "reference" else heads[0] ** -0.5
-            rescale_queries(state, "net.", factor)
-    module.load_state_dict(state, strict=True)
-    return f"initialised the network weights from the {what}"

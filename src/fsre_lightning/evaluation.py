@@ -1,20 +1,30 @@
 """The Eigen evaluation protocol as one function, and Monodepth2's flip post-processing.
 
 `evaluate_eigen` feeds every image through `metrics.DepthMetrics`, the metric validation logs,
-so the offline test numbers and the validation numbers share one implementation of SPEC
-section 6 (resize, Garg crop, depth caps, median scaling, the seven errors, ratio statistics).
+so the offline test numbers and the validation numbers share one implementation of the Eigen
+protocol (docs/design.md section 3.13: resize, Garg crop, depth caps, median scaling, the seven
+errors, ratio statistics).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics
+from fsre_lightning.data.decode import load_image, load_label
+from fsre_lightning.data.layout import IMAGE_EXTENSIONS
+from fsre_lightning.errors import DataError
+from fsre_lightning.geometry import disp_to_depth
+from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
+
+if TYPE_CHECKING:  # the module and the data module only pass through here
+    from fsre_lightning.data.kitti import KittiDataModule
+    from fsre_lightning.module import FSREModule
 
 # What `evaluate_eigen` returns besides num_frames: the paper's seven columns, then the median
 # and relative spread of the per-image median-scaling ratios.
@@ -57,7 +67,7 @@ def evaluate_eigen(
     min_depth: float = 1e-3,
     max_depth: float = 80.0,
 ) -> dict[str, float]:
-    """Eigen-protocol depth metrics of a set of predictions, averaged over images (SPEC 6).
+    """Eigen-protocol depth metrics of a set of predictions, averaged over images (design 3.13).
 
     `pred_disps`: one h x w disparity per image whose inverse is the predicted depth, i.e. the
     network's sigmoid output already mapped with `geometry.disp_to_depth` (what Monodepth2's
@@ -127,3 +137,76 @@ def format_table_row(results: Mapping[str, float]) -> str:
     header = " " + " | ".join(f"{key:>8}" for key in DEPTH_METRIC_KEYS)
     row = "".join(f"&{results[key]:8.3f}  " for key in DEPTH_METRIC_KEYS) + "\\\\"
     return f"{header}\n{row}"
+
+
+# ------------------------------------------------------------------ a trained module
+@torch.inference_mode()
+def predict_disparity(module: FSREModule, images: torch.Tensor, post_process: bool
+                      ) -> torch.Tensor:
+    """B x 1 x H x W disparity (1 / depth, disp_to_depth's range) of B x 3 x H x W images."""
+    batch = torch.cat([images, images.flip(-1)]) if post_process else images
+    sigmoid = module(batch)["disp"][0]
+    disp, _ = disp_to_depth(sigmoid, module.loss_cfg.min_depth, module.loss_cfg.max_depth)
+    if post_process:
+        n = images.shape[0]
+        disp = post_process_disparity(disp[:n], disp[n:])
+    return disp
+
+
+def _predictions(module: FSREModule, datamodule: KittiDataModule, post_process: bool,
+                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(disparity, native ground truth) per test image, in split order."""
+    for batch in datamodule.test_dataloader():
+        if batch.get("skipped"):  # only with data.eval_on_error=skip; counted in the report
+            datamodule.note_skipped(batch["skipped"])
+        if "frames" not in batch:
+            continue
+        disp = predict_disparity(module, batch["frames"][:, 0].to(device), post_process).cpu()
+        for i, (gh, gw) in enumerate(batch["gt_size"].tolist()):
+            yield disp[i, 0], batch["depth_gt"][i, 0, :gh, :gw]
+
+
+def evaluate_depth(module: FSREModule, datamodule: KittiDataModule, post_process: bool,
+                   median_scaling: bool, device: torch.device) -> dict[str, float]:
+    """Eigen-protocol metrics of the test split (see `evaluation.evaluate_eigen`)."""
+    # evaluate_eigen takes predictions and ground truth as two streams, consumed in step:
+    # tee keeps at most one pair buffered, so no split-sized array is ever held.
+    preds, gts = itertools.tee(_predictions(module, datamodule, post_process, device))
+    return evaluate_eigen((p for p, _ in preds), (g for _, g in gts),
+                          median_scaling=median_scaling, crop=datamodule.eval_crop,
+                          min_depth=datamodule.min_depth_eval,
+                          max_depth=datamodule.max_depth_eval)
+
+
+def semantic_pairs(semantics_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, label) files of KITTI 2015 `data_semantics`: training/image_2, training/semantic."""
+    image_dir = semantics_dir / "training" / "image_2"
+    label_dir = semantics_dir / "training" / "semantic"
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise DataError(f"semantics_dir={str(semantics_dir)!r} has no "
+                            f"{folder.relative_to(semantics_dir)}/: point it at the unpacked "
+                            "KITTI 2015 data_semantics folder")
+    images = sorted(p for p in image_dir.iterdir() if p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DataError(f"{image_dir} holds no images")
+    pairs = [(image, label_dir / f"{image.stem}.png") for image in images]
+    missing = [label for _, label in pairs if not label.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} semantic labels missing, e.g. {missing[0]}: every "
+                        f"image of {image_dir} needs its label id PNG in {label_dir}")
+    return pairs
+
+
+@torch.inference_mode()
+def evaluate_segmentation(module: FSREModule, semantics_dir: Path, size: tuple[int, int],
+                          batch_size: int, device: torch.device) -> dict[str, float]:
+    """19-class mIoU at the network resolution; labels (Cityscapes ids) resized nearest."""
+    pairs = semantic_pairs(semantics_dir)
+    metric = SegmentationIoU(num_classes=module.net.num_classes)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        images = torch.stack([load_image(image, size) for image, _ in chunk]).to(device)
+        labels = torch.stack([load_label(label, size, "label_ids") for _, label in chunk])
+        metric.update(module(images)["seg_logits"].argmax(1).cpu(), labels)
+    return {"miou": float(metric.compute()), "num_semantic_images": len(pairs)}

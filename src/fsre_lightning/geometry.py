@@ -1,4 +1,4 @@
-"""Camera geometry for view synthesis (SPEC sections 2 and 4).
+"""Camera geometry for view synthesis (docs/design.md sections 3.2 to 3.5).
 
 Conventions: images are B x C x H x W; intrinsics K and inv_K are B x 4 x 4 (pixel units at the
 resolution of the image they are used with); a transform T (B x 4 x 4) maps points of the target
@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from kornia.geometry import create_meshgrid
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix, normalize_pixel_coordinates
 
-# KITTI's normalised intrinsics, shared by every frame of the raw set (SPEC section 5).
-KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)
+from fsre_lightning.data.layout import KITTI_INTRINSICS
 
 # z below this is treated as on the camera plane, so projection never divides by zero.
 _Z_EPS = 1e-7
@@ -46,13 +45,6 @@ def intrinsics_matrix(
     K = torch.eye(4)
     K[0, 0], K[0, 2] = fx * width, cx * width
     K[1, 1], K[1, 2] = fy * height, cy * height
-    return K
-
-
-def scale_intrinsics(K: torch.Tensor, scale: int) -> torch.Tensor:
-    """Intrinsics for the image downsampled by 2**scale (first two rows divided)."""
-    K = K.clone()
-    K[..., :2, :] = K[..., :2, :] / (2**scale)
     return K
 
 
@@ -117,7 +109,7 @@ def warp(
 ) -> torch.Tensor:
     """Synthesise the target view from `source` given the target's depth and T (target->source).
 
-    Bilinear sampling with border padding and align_corners=True (SPEC eq. 1).
+    Bilinear sampling with border padding and align_corners=True (the paper's eq. 1).
     """
     if source.shape[-2:] != depth.shape[-2:]:
         raise ValueError(

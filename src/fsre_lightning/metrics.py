@@ -1,4 +1,4 @@
-"""Depth and segmentation metrics (SPEC section 6).
+"""Depth and segmentation metrics (docs/design.md sections 3.13 and 3.14).
 
 `depth_errors` is the per-image formula; `compute_depth_metrics` applies the Eigen protocol
 (crop, cap, median scaling) to one image; `DepthMetrics` and `SegmentationIoU` are torchmetrics
@@ -17,14 +17,20 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from fsre_lightning.cityscapes import NUM_CLASSES, VOID
+
 DEPTH_METRIC_KEYS: tuple[str, ...] = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
+# What a run reports: the seven depth errors (the paper's table columns), then mIoU.
+REPORTED_METRICS: tuple[str, ...] = (*DEPTH_METRIC_KEYS, "miou")
+# garg: the Garg/Eigen crop of KITTI's frames; none: every pixel with ground truth.
+EVAL_CROPS = ("garg", "none")
 
 # Garg/Eigen crop as fractions of the ground-truth size (rows, then columns).
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
 
 
 def garg_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the Garg crop, half-open, truncated to integers (SPEC 6)."""
+    """(top, bottom, left, right) of the Garg crop, half-open, integer-truncated (design 3.13)."""
     top, bottom, left, right = GARG_CROP
     return int(top * height), int(bottom * height), int(left * width), int(right * width)
 
@@ -81,8 +87,8 @@ def eval_mask(
         crop_mask = torch.zeros_like(mask)
         crop_mask[..., top:bottom, left:right] = True
         mask &= crop_mask
-    elif crop != "none":
-        raise ValueError(f"crop must be 'garg' or 'none', got {crop!r}")
+    elif crop not in EVAL_CROPS:
+        raise ValueError(f"crop must be one of {EVAL_CROPS}, got {crop!r}")
     return mask
 
 
@@ -188,7 +194,7 @@ class SegmentationIoU(MulticlassJaccardIndex):
     protocol); torchmetrics' macro average would count them as 0 or NaN instead.
     """
 
-    def __init__(self, num_classes: int = 19, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = VOID) -> None:
         super().__init__(
             num_classes=num_classes,
             ignore_index=ignore_index,

@@ -2,13 +2,13 @@
 
 The maths lives elsewhere (models/, geometry, losses/, objective, metrics); this class only
 orchestrates one step and what is logged. The batch layout is the one documented in
-`fsre_lightning.data.kitti`.
+`fsre_lightning.data.kitti` and docs/design.md section 4.1.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,16 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fsre_lightning.checkpointing import check_state_dict_compatible
+from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import disp_to_depth
 from fsre_lightning.losses import photometric_losses
-from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
+from fsre_lightning.metrics import REPORTED_METRICS, DepthMetrics, SegmentationIoU
+from fsre_lightning.models.fsre import NetworkConfig
+from fsre_lightning.models.pose import PoseNetworkConfig
+from fsre_lightning.nonfinite import NonFinitePolicy, nonfinite_terms
 from fsre_lightning.objective import LossConfig, compute_losses
+from fsre_lightning.rules import check_int
 from fsre_lightning.visualize import (
     colorize_disparity,
     colorize_error,
@@ -29,17 +35,32 @@ from fsre_lightning.visualize import (
     make_panel,
 )
 
-log = logging.getLogger(__name__)
 
-NONFINITE_POLICIES = ("skip", "stop")
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The `model` group: FSREModule's arguments (the `loss` group and the data's evaluation
+    settings are passed in by the entry point). The optimiser and scheduler are `_partial_`
+    targets with schemas of their own (`fsre_lightning.schema`)."""
 
+    _target_: str = "fsre_lightning.module.FSREModule"
+    network: NetworkConfig
+    pose_network: PoseNetworkConfig
+    optimizer: Any = None
+    scheduler: Any = None
+    frame_ids: list[int] = field(default_factory=lambda: [0, -1, 1])
+    image_log_every_n_steps: int = 250
+    num_panel_images: int = 2
+    nonfinite: str = "skip"
+    nonfinite_max_consecutive: int = 100
+    channels_last: bool = False
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    compile_loss: bool = False
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term or gradient was NaN/inf under `model.nonfinite=stop`.
-
-    Raised before the optimiser step, so the weights are those of the last good step; the
-    interrupt checkpoint callback does not save on this error (the last good checkpoint stays).
-    """
+    def __post_init__(self) -> None:
+        check_int("image_log_every_n_steps", self.image_log_every_n_steps, lo=0)
+        check_int("num_panel_images", self.num_panel_images, lo=1)
+        NonFinitePolicy(self.nonfinite, self.nonfinite_max_consecutive)  # its rules
 
 
 def _plain(cfg: Any) -> Any:
@@ -50,10 +71,14 @@ def _plain(cfg: Any) -> Any:
 
 
 class FSREModule(pl.LightningModule):
-    """Self-supervised depth with semantics: FSRENetwork + PoseNetwork trained with SPEC's loss.
+    """Self-supervised depth with semantics: FSRENetwork + PoseNetwork trained with the total
+    loss of `fsre_lightning.objective`.
 
     `network` and `pose_network` are Hydra configs (with `_target_`) so that a checkpoint alone
-    rebuilds the model: `FSREModule.load_from_checkpoint(path)`.
+    rebuilds the model: `FSREModule.load_from_checkpoint(path)`. `optimizer` and `scheduler`
+    are `_partial_` Hydra configs (model.optimizer, model.scheduler); a module without them
+    predicts but cannot train. `eval_crop`, `min_depth_eval` and `max_depth_eval` are the
+    validation's Eigen protocol (the data config's).
     """
 
     def __init__(
@@ -72,6 +97,9 @@ class FSREModule(pl.LightningModule):
         compile: bool = False,
         gradient_checkpointing: bool = False,
         compile_loss: bool = False,
+        eval_crop: str = "garg",
+        min_depth_eval: float = 1e-3,
+        max_depth_eval: float = 80.0,
     ) -> None:
         super().__init__()
         network, pose_network = _plain(network), _plain(pose_network)
@@ -92,34 +120,22 @@ class FSREModule(pl.LightningModule):
                 "compile": compile,
                 "gradient_checkpointing": gradient_checkpointing,
                 "compile_loss": compile_loss,
+                "eval_crop": eval_crop,
+                "min_depth_eval": min_depth_eval,
+                "max_depth_eval": max_depth_eval,
             }
         )
         self.net = hydra.utils.instantiate(network)
         self.pose_net = hydra.utils.instantiate(pose_network)
         self.loss_cfg = LossConfig(**loss)
         self.frame_ids = [int(f) for f in frame_ids]
-        # fused: one kernel for all of Adam's updates (same formula), ~3x faster than the
-        # per-tensor loop on CPU and without foreach's temporary copies.
-        optimizer = {"lr": 1.5e-4, "pose_lr_scale": 1.0, "fused": True, **(optimizer or {})}
-        self.pose_lr_scale = float(optimizer.pop("pose_lr_scale"))
-        self.optimizer_cfg = optimizer
-        scheduler = {"milestones": [10, 15], "gamma": 0.1, "warmup_steps": 0, **(scheduler or {})}
-        self.warmup_steps = int(scheduler.pop("warmup_steps"))
-        self.scheduler_cfg = scheduler
+        self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.image_log_every_n_steps = image_log_every_n_steps
         self.num_panel_images = num_panel_images
         self.has_segmentation = getattr(self.net, "seg_decoder", None) is not None
-        self.val_depth = DepthMetrics()
+        self.val_depth = DepthMetrics(min_depth_eval, max_depth_eval, eval_crop)
         self.val_miou = SegmentationIoU()
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"model.nonfinite={nonfinite!r}: use one of {NONFINITE_POLICIES}")
-        self.nonfinite = nonfinite
-        self.nonfinite_max_consecutive = int(nonfinite_max_consecutive)
-        # Plain counters (not checkpointed): they describe this process's run.
-        self.skipped_nonfinite = 0
-        self._consecutive_nonfinite = 0
-        self._skip_this_step = False
-        self._warned_nonfinite: set[str] = set()
+        self.nonfinite = NonFinitePolicy(nonfinite, nonfinite_max_consecutive)
         self._batch_names: list[str] = []
         self._apply_speed_options(channels_last, compile, gradient_checkpointing, compile_loss)
 
@@ -186,34 +202,7 @@ class FSREModule(pl.LightningModule):
         return outputs, losses
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._skip_this_step = False
-
-    def _nonfinite(self, what: str, terms: Sequence[str]) -> None:
-        """Apply model.nonfinite to a step whose `terms` (loss names or "gradients") are NaN/inf."""
-        names = ", ".join(terms)
-        frames = "; ".join(self._batch_names) or "?"
-        if self.nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"non-finite {what} ({names}) at step {self.global_step} on frames [{frames}]: "
-                f"stopped without taking the step (model.nonfinite=stop); the last checkpoint "
-                f"on disk is from before it. Check those frames, lower model.optimizer.lr or "
-                f"set model.nonfinite=skip")
-        self._skip_this_step = True
-        self.skipped_nonfinite += 1
-        self._consecutive_nonfinite += 1
-        for term in terms:
-            if term not in self._warned_nonfinite:  # once per term: a log, not a flood
-                self._warned_nonfinite.add(term)
-                log.warning("non-finite %s %s at step %d on frames [%s]: step skipped "
-                            "(model.nonfinite=skip; counted in train/skipped_nonfinite)",
-                            what, term, self.global_step, frames)
-        if self._consecutive_nonfinite > self.nonfinite_max_consecutive:
-            # Skipping keeps the weights finite, so an endless run of bad steps means the data
-            # or the numerics are broken: stop instead of burning the remaining hours.
-            raise NonFiniteLossError(
-                f"{self._consecutive_nonfinite} consecutive steps had non-finite {what} "
-                f"({names}), last on frames [{frames}]: more than "
-                f"model.nonfinite_max_consecutive={self.nonfinite_max_consecutive}")
+        self.nonfinite.start_step()
 
     def _any_rank(self, flag: bool) -> bool:
         """`flag` OR-ed over the DDP ranks (every rank must call this equally often)."""
@@ -221,28 +210,25 @@ class FSREModule(pl.LightningModule):
             return flag
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
-    def _log_skipped(self) -> None:
-        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), reduce_fx="max")
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        skipped = getattr(dm, "skipped_samples", None)
-        if skipped is not None:
-            self.log("train/skipped_samples", float(len(skipped)), reduce_fx="max")
+    def _log_skipped(self, batch: Mapping[str, Any]) -> None:
+        self.log("train/skipped_nonfinite", float(self.nonfinite.skipped), reduce_fx="max")
+        if "num_skipped" in batch:  # unreadable samples dropped so far (data.on_error=skip)
+            self.log("train/skipped_samples", float(batch["num_skipped"]), reduce_fx="max")
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         self._batch_names = list(batch.get("name", []))
         # Every sample of the batch unreadable (data.on_error=skip). Under DDP a rank skipping
         # backward alone would hang the others, so every decision to skip is taken by all.
         if self._any_rank("frames" not in batch):
-            self._skip_this_step = True
-            self._log_skipped()
+            self.nonfinite.skip_step = True
+            self._log_skipped(batch)
             return None
         outputs, losses = self._step(batch)
-        bad = [name for name, value in losses.items()
-               if name != "automask" and value.is_floating_point()
-               and not bool(torch.isfinite(value).all())]
+        bad = nonfinite_terms(losses)
         if self._any_rank(bool(bad)):
-            self._nonfinite("loss", bad or ["(on another rank)"])
-            self._log_skipped()
+            self.nonfinite.handle("loss", bad or ["(on another rank)"], self.global_step,
+                                  self._batch_names)
+            self._log_skipped(batch)
             return None  # Lightning then skips backward; Adam sees no gradients and no step
         batch_size = batch["frames"].shape[0]
         for name, value in losses.items():
@@ -250,16 +236,15 @@ class FSREModule(pl.LightningModule):
                 self.log(f"train/{name}", value, prog_bar=name == "total", batch_size=batch_size)
         if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
             self._log_panel("train/panel", batch, outputs, losses.get("automask"))
-        self._log_skipped()
+        self._log_skipped(batch)
         return losses["total"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._skip_this_step:
-            self._consecutive_nonfinite = 0
+        self.nonfinite.end_step()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Catch finite losses with non-finite gradients before they reach Adam's moments."""
-        if self._skip_this_step or str(self.trainer.precision).startswith("16"):
+        if self.nonfinite.skip_step or str(self.trainer.precision).startswith("16"):
             # 16-bit AMP: the grad scaler skips overflowing steps itself, by design.
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -268,24 +253,18 @@ class FSREModule(pl.LightningModule):
         norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
         if bool(torch.isfinite(norms).all()):
             return
-        self._nonfinite("gradients", ["gradients"])
+        self.nonfinite.handle("gradients", ["gradients"], self.global_step, self._batch_names)
         for p in self.parameters():
             p.grad = None  # Adam skips parameters without a gradient: its state stays as it was
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # A skipped step must not advance per-step schedules (the warm-up) either; the
         # per-epoch milestones count epochs, which a skipped batch does not change.
-        if self._skip_this_step and self._trainer is not None and any(
+        if self.nonfinite.skip_step and self._trainer is not None and any(
                 c.scheduler is scheduler and c.interval == "step"
                 for c in self.trainer.lr_scheduler_configs):
             return
         super().lr_scheduler_step(scheduler, metric)
-
-    def on_validation_epoch_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        self.val_depth.crop = getattr(dm, "eval_crop", "none")
-        self.val_depth.min_depth = getattr(dm, "min_depth_eval", 1e-3)
-        self.val_depth.max_depth = getattr(dm, "max_depth_eval", 80.0)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         if "frames" not in batch:  # every sample unreadable under data.eval_on_error=skip
@@ -317,24 +296,29 @@ class FSREModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resume (Trainer.fit(ckpt_path)) and load_from_checkpoint both pass here before the
         # weights are copied: a checkpoint of another architecture fails naming the keys.
-        from fsre_lightning.checkpointing import check_state_dict_compatible
-
         if "state_dict" in checkpoint:
             check_state_dict_compatible(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> tuple[list[Any], list[dict[str, Any]]]:
+        if self.optimizer_cfg is None or self.scheduler_cfg is None:
+            raise ConfigError("FSREModule was built without model.optimizer or model.scheduler "
+                              "(_partial_ configs, conf/model/optimizer and conf/model/"
+                              "scheduler): it can predict, not train")
+        optimizer_cfg = dict(self.optimizer_cfg)
+        pose_lr = optimizer_cfg["lr"] * optimizer_cfg.pop("pose_lr_scale", 1.0)
         groups = [{"params": self.net.parameters()},
-                  {"params": self.pose_net.parameters(),
-                   "lr": self.optimizer_cfg["lr"] * self.pose_lr_scale}]
-        optimizer = torch.optim.Adam(groups, **self.optimizer_cfg)
+                  {"params": self.pose_net.parameters(), "lr": pose_lr}]
+        optimizer = hydra.utils.instantiate(optimizer_cfg)(groups)
+        scheduler_cfg = dict(self.scheduler_cfg)
+        warmup_steps = int(scheduler_cfg.pop("warmup_steps", 0))
         # Both schedulers are chainable, so their factors multiply on the one optimiser.
-        schedulers = [{"scheduler": torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, **self.scheduler_cfg), "interval": "epoch"}]
-        if self.warmup_steps > 1:
+        schedulers = [{"scheduler": hydra.utils.instantiate(scheduler_cfg)(optimizer),
+                       "interval": "epoch"}]
+        if warmup_steps > 1:
             # A linear ramp keeps Adam's first, sign-like steps from saturating the disparity
             # sigmoid of a randomly initialised network (it collapses to zero disparity).
             warmup = torch.optim.lr_scheduler.LinearLR(
-                optimizer, start_factor=1.0 / self.warmup_steps, total_iters=self.warmup_steps - 1)
+                optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps - 1)
             schedulers.append({"scheduler": warmup, "interval": "step"})
         return [optimizer], schedulers
 
@@ -375,9 +359,9 @@ class FSREModule(pl.LightningModule):
 
 
 def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The seven depth metrics (plus mIoU when present) as floats, keyed like SPEC section 6."""
+    """The seven depth metrics (plus mIoU when present) as floats, keyed as the paper's table."""
     out = {}
-    for key in (*DEPTH_METRIC_KEYS, "miou"):
+    for key in REPORTED_METRICS:
         value = metrics.get(f"val/{key}", metrics.get(key))
         if value is not None:
             out[key] = float(value)

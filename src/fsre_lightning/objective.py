@@ -1,8 +1,8 @@
-"""SPEC's total loss, assembled from the pure loss functions in `fsre_lightning.losses`.
+"""The total loss (docs/design.md section 3.12) from the pure functions of `fsre_lightning.losses`.
 
-Total = L_ph + beta * L_sm + gamma * L_CE + delta * sum_s L_SGT(s)   (SPEC section 4)
+Total = L_ph + beta * L_sm + gamma * L_CE + delta * sum_s L_SGT(s)
 
-Scale weighting (SPEC leaves the choice to us; both are options, `reference` is the default
+Scale weighting (the paper does not say; both are options, `reference` is the default
 because it is what produced the paper's table):
 - ``reference``: the FSRE-Depth code. Photometric and smoothness terms of scale s are divided
   by 2**s and summed over scales; each SGT layer's term is divided by 2**s too.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +30,24 @@ from fsre_lightning.losses import (
     smoothness_loss,
     ssim_target_stats,
 )
+from fsre_lightning.losses.photometric import check_alpha
+from fsre_lightning.losses.sgt import check_sgt_options
+from fsre_lightning.models.decoder import check_scales
+from fsre_lightning.rules import check_choice, check_number, require
 
 SCALE_WEIGHTINGS = ("reference", "monodepth2")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossConfig:
-    """Every knob of SPEC section 4, with the paper's values as defaults."""
+    """The `loss` group: every knob of the total loss with the paper's values as defaults, and
+    its rules (docs/design.md section 3)."""
 
     alpha: float = 0.85
     smoothness_weight: float = 1e-3
     segmentation_weight: float = 0.3
     sgt_weight: float = 0.1
-    sgt_scales: Sequence[int] = field(default_factory=lambda: (3, 2, 1))
+    sgt_scales: list[int] = field(default_factory=lambda: [3, 2, 1])
     sgt_kernel_size: int = 5
     sgt_margin: float = 0.3
     sgt_threshold: int | None = None
@@ -52,20 +58,22 @@ class LossConfig:
     max_depth: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.scale_weighting not in SCALE_WEIGHTINGS:
-            raise ValueError(
-                f"loss.scale_weighting must be one of {SCALE_WEIGHTINGS}, "
-                f"got {self.scale_weighting!r}"
-            )
-        self.sgt_scales = tuple(int(s) for s in self.sgt_scales)
-
-    @property
-    def uses_labels(self) -> bool:
-        return self.segmentation_weight > 0 or (self.sgt_weight > 0 and len(self.sgt_scales) > 0)
+        check_alpha("alpha", self.alpha)
+        for key in ("smoothness_weight", "segmentation_weight", "sgt_weight", "identity_noise"):
+            check_number(key, getattr(self, key), lo=0)
+        check_scales("sgt_scales", self.sgt_scales)
+        check_sgt_options(self.sgt_kernel_size, self.sgt_margin, self.sgt_threshold,
+                          ("sgt_kernel_size", "sgt_margin", "sgt_threshold"))
+        check_choice("scale_weighting", self.scale_weighting, SCALE_WEIGHTINGS)
+        check_number("min_depth", self.min_depth, lo=0, strict=True)
+        check_number("max_depth", self.max_depth, lo=0, strict=True)
+        require(self.min_depth < self.max_depth, "min_depth", self.min_depth,
+                f"0 < min_depth < max_depth (= {self.max_depth})")
+        self.sgt_scales = [int(s) for s in self.sgt_scales]
 
 
 def upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize, the identity when already at `size` (SPEC: disparity to full size)."""
+    """Bilinear resize, the identity when already at `size` (coarse disparities go to full size)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -142,15 +150,25 @@ def compute_losses(
         photometric_terms.append(loss_s)
         smooth_terms.append(smoothness_loss(disp, downsample_image(target, s)))
 
+    losses = weighted_terms(photometric_terms, smooth_terms, scales, outputs, labels, cfg)
+    if automask is not None:
+        losses["automask"] = automask
+    return losses
+
+
+def weighted_terms(photometric_terms: Sequence[torch.Tensor], smooth_terms: Sequence[torch.Tensor],
+                   scales: Sequence[int], outputs: Mapping[str, Any],
+                   labels: torch.Tensor | None, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """The total loss from the per-scale photometric and smoothness terms, with the semantic
+    terms added (design 3.12): every term under its name and the weighted sum as "total"."""
     if cfg.scale_weighting == "reference":
         photometric = sum(t / 2**s for t, s in zip(photometric_terms, scales, strict=True))
         smoothness = sum(t / 2**s for t, s in zip(smooth_terms, scales, strict=True))
     else:
-        photometric = torch.stack(photometric_terms).mean()
+        photometric = torch.stack(list(photometric_terms)).mean()
         smoothness = torch.stack(
             [t / 2**s for t, s in zip(smooth_terms, scales, strict=True)]
         ).mean()
-
     losses: dict[str, torch.Tensor] = {"photometric": photometric, "smoothness": smoothness}
     total = photometric + cfg.smoothness_weight * smoothness
 
@@ -163,8 +181,8 @@ def compute_losses(
     if cfg.sgt_weight > 0 and cfg.sgt_scales:
         if labels is None:
             raise ValueError("loss.sgt_weight > 0 needs pseudo-labels in the batch")
-        features: Mapping[int, torch.Tensor] = outputs["depth_features"]  # type: ignore[assignment]
-        sgt_total = torch.zeros((), device=target.device)
+        features: Mapping[int, torch.Tensor] = outputs["depth_features"]
+        sgt_total = torch.zeros((), device=photometric.device, dtype=photometric.dtype)
         for s in cfg.sgt_scales:
             feat = features[s]
             term = sgt_loss(
@@ -180,6 +198,4 @@ def compute_losses(
         total = total + cfg.sgt_weight * sgt_total
 
     losses["total"] = total
-    if automask is not None:
-        losses["automask"] = automask
     return losses

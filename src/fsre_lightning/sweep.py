@@ -3,8 +3,8 @@
 - `run_group`: the wandb group of a run (resolver `fsre_run_group`): the run's name alone, or
   name and sweep time for every member of one `--multirun`, so a sweep is one group.
 - `WandbSyncHint`: a Hydra callback printing the one `wandb sync` command of a whole sweep.
-- `per_process_batch`: the per-process batch that keeps `effective_batch_size` on any number of
-  devices and nodes.
+- `per_process_batch`, `effective_batch_split`: the per-process batch that keeps
+  `effective_batch_size` on any number of devices and nodes.
 - `hydra_ddp_command`: how Lightning's DDP launcher re-invokes this script for ranks > 0; its
   own version replays `sys.argv`, which inside a `--multirun` would start the whole sweep again
   in every child process.
@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fsre_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +103,24 @@ def per_process_batch(effective: int, processes: int, accumulate: int = 1) -> in
     divisor = processes * accumulate
     if effective % divisor:
         raise ValueError(
-            f"effective_batch_size={effective} does not split over {processes} process(es) x "
-            f"{accumulate} accumulated batch(es): use a multiple of {divisor}, or set "
-            f"effective_batch_size=null and data.batch_size per process")
+            f"it does not split over {processes} process(es) x {accumulate} accumulated "
+            f"batch(es): use a multiple of {divisor}, or set effective_batch_size=null and "
+            "data.batch_size per process")
     return effective // divisor
+
+
+def effective_batch_split(effective: int, trainer: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(per-process batch, processes, accumulated batches) that make `effective_batch_size`
+    with this trainer config; ConfigError when the device count is unknown or does not split."""
+    processes = world_size(trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    if processes is None:
+        raise ConfigError("effective_batch_size", effective, "it needs a device count: set "
+                          f"trainer.devices to a number (it is {trainer.get('devices')!r})")
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    try:
+        return per_process_batch(effective, processes, accumulate), processes, accumulate
+    except ValueError as err:
+        raise ConfigError("effective_batch_size", effective, str(err)) from err
 
 
 def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:

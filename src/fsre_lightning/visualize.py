@@ -10,16 +10,9 @@ import torch
 from kornia.color import ColorMap, apply_colormap
 from PIL import Image
 
-# Cityscapes train-id palette (19 classes), the colours every segmentation paper shows.
-CITYSCAPES_PALETTE = torch.tensor(
-    [
-        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-        (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-        (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
-        (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-    ],
-    dtype=torch.float32,
-) / 255.0
+from fsre_lightning.cityscapes import PALETTE, VOID
+
+CITYSCAPES_PALETTE = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
 
 _COLORMAPS: dict[tuple[str, str], ColorMap] = {}
 
@@ -56,7 +49,7 @@ def colorize_error(error: torch.Tensor, vmax: float | None = None) -> torch.Tens
     return apply_colormap((error / top).clamp(0, 1), _colormap("turbo", error.device))
 
 
-def colorize_segmentation(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def colorize_segmentation(labels: torch.Tensor, ignore_index: int = VOID) -> torch.Tensor:
     """B x H x W train ids -> B x 3 x H x W Cityscapes colours; void pixels are black."""
     palette = CITYSCAPES_PALETTE.to(labels.device)
     valid = (labels >= 0) & (labels < len(palette)) & (labels != ignore_index)

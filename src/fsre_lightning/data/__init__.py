@@ -1,30 +1,37 @@
-"""Data: the KITTI-layout DataModule, the synthetic scene generator, velodyne ground truth."""
+"""Data: the KITTI-layout DataModule, its files, caches and datasets, the synthetic scenes.
 
-from fsre_lightning.data.augment import FrameConsistentColorJitter
-from fsre_lightning.data.kitti import (
-    DataError,
-    KittiDataModule,
-    KittiDataset,
-    SplitEntry,
-    load_gt_depths,
-    read_split,
-    save_gt_depths,
-    velodyne_depth,
-)
-from fsre_lightning.data.synthetic import generate_synthetic_kitti, render_drive
-from fsre_lightning.data.velodyne import read_calib_file
+Modules, from the bottom up: `layout` (where KITTI files lie; numpy and pathlib only),
+`decode` (files to arrays), `cache` and `kitti_cache` (decoded-once memory-mapped splits),
+`dataset` (one split's samples), `augment`, `resumable` (exact mid-epoch resume), `kitti`
+(the DataModule), `synthetic` (the built-in scenes), `velodyne` (ground truth), `video_folder`
+(your own footage) and `pseudolabels`.
 
-__all__ = [
-    "DataError",
-    "FrameConsistentColorJitter",
-    "KittiDataModule",
-    "KittiDataset",
-    "SplitEntry",
-    "generate_synthetic_kitti",
-    "load_gt_depths",
-    "read_calib_file",
-    "read_split",
-    "render_drive",
-    "save_gt_depths",
-    "velodyne_depth",
-]
+The names below are imported on first use, so that `fsre_lightning.data.layout` (which the
+scene generator's worker processes import) stays as light as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "KittiDataModule": "kitti",
+    "KittiDataConfig": "kitti",
+    "KittiDataset": "dataset",
+    "VideoFolderDataModule": "video_folder",
+    "generate_synthetic_kitti": "synthetic",
+    "SplitEntry": "layout",
+    "read_split": "layout",
+    "load_gt_depths": "layout",
+    "save_gt_depths": "layout",
+    "velodyne_depth": "velodyne",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,8 +1,10 @@
-"""KITTI calibration files and velodyne ground-truth depth (SPEC section 5).
+"""KITTI calibration files and velodyne ground-truth depth (docs/design.md 4.2).
 
 The projection reproduces Monodepth2's export of the Eigen test ground truth exactly: float64
 maths on the float32 scans, the devkit's 1-based pixel convention (round, then minus one), the
 nearest point winning where several land on one pixel, and the point's velodyne x as depth.
+A missing or malformed file is a DataError naming it. `export_gt_depths` writes a split's
+maps into the archive the data module and `evaluate` read.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ import os
 from pathlib import Path
 
 import numpy as np
+from rich.progress import track
+
+from fsre_lightning.data.layout import (
+    CALIB_FILES,
+    SIDE_TO_CAMERA,
+    check_scans,
+    read_split,
+    save_gt_depths,
+    scan_files,
+)
+from fsre_lightning.errors import DataError
 
 _FLOAT_CHARS = set("0123456789.e+- ")
 _POINT_BYTES = 16  # four float32 per velodyne point
@@ -21,7 +34,7 @@ def read_calib_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray | str]
     """Parse a KITTI calibration text file into arrays (non-numeric values stay strings)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"calibration file {path} not found: KITTI raw keeps calib_cam_to_cam.txt and "
             "calib_velo_to_cam.txt in each date folder (e.g. ROOT/2011_09_26/)"
         )
@@ -30,7 +43,7 @@ def read_calib_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray | str]
         if not line.strip():
             continue
         if ":" not in line:
-            raise ValueError(f"{path}:{number}: expected 'key: values', got {line!r}")
+            raise DataError(f"{path}:{number}: expected 'key: values', got {line!r}")
         key, value = line.split(":", 1)
         value = value.strip()
         data[key] = value
@@ -45,7 +58,7 @@ def _matrix(calib: dict[str, np.ndarray | str], key: str, shape: tuple[int, int]
     value = calib.get(key)
     if not isinstance(value, np.ndarray) or value.size != shape[0] * shape[1]:
         found = "missing" if value is None else f"{value!r} is not {shape[0]}x{shape[1]} numbers"
-        raise ValueError(
+        raise DataError(
             f"{source}: key {key!r} {found}; use the unmodified calibration files of the KITTI "
             "raw release for this date (<date>_calib.zip)"
         )
@@ -59,8 +72,7 @@ def velodyne_to_image(calib_dir: str | os.PathLike[str], cam: int = 2
     if cam not in (0, 1, 2, 3):
         raise ValueError(f"cam={cam!r}: KITTI cameras are 0..3 (2 = left colour, 3 = right)")
     calib_dir = Path(calib_dir)
-    cam2cam_path = calib_dir / "calib_cam_to_cam.txt"
-    velo2cam_path = calib_dir / "calib_velo_to_cam.txt"
+    cam2cam_path, velo2cam_path = (calib_dir / name for name in CALIB_FILES)
     cam2cam = read_calib_file(cam2cam_path)
     velo2cam = read_calib_file(velo2cam_path)
     rotation = _matrix(velo2cam, "R", (3, 3), velo2cam_path)
@@ -77,11 +89,11 @@ def load_velodyne_points(path: str | os.PathLike[str]) -> np.ndarray:
     """N x 4 float32 (x, y, z, reflectance) from a KITTI .bin scan."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"velodyne scan {path} not found")
+        raise DataError(f"velodyne scan {path} not found")
     # Check bytes, not floats: np.fromfile silently drops a trailing partial float.
     size = path.stat().st_size
     if size % _POINT_BYTES:
-        raise ValueError(
+        raise DataError(
             f"velodyne scan {path} is {size} bytes, not a multiple of {_POINT_BYTES} "
             "(float32 x, y, z, reflectance per point): the file is truncated or not a KITTI "
             "scan; re-extract it from the raw data archive"
@@ -119,3 +131,18 @@ def velodyne_depth(calib_dir: str | os.PathLike[str], velo_path: str | os.PathLi
     """Ground-truth depth of one frame at the camera's native rectified resolution."""
     velo_to_image, size = velodyne_to_image(calib_dir, cam)
     return project_velodyne(load_velodyne_points(velo_path), velo_to_image, size)
+
+
+def export_gt_depths(root: str | os.PathLike[str], split_file: str | os.PathLike[str],
+                     output: str | os.PathLike[str], progress: bool = True) -> Path:
+    """Project the scan of every line of `split_file` (the camera of its side) and save all
+    maps, in split order, to `output`; every file is checked before the first is read."""
+    root = Path(root)
+    entries = read_split(split_file)
+    check_scans(root, entries)
+    lines = track(entries, description="velodyne ground truth") if progress else entries
+    depths: list[np.ndarray] = []
+    for entry in lines:
+        calib_dir, scan = scan_files(root, entry)
+        depths.append(velodyne_depth(calib_dir, scan, SIDE_TO_CAMERA[entry.side]))
+    return save_gt_depths(output, depths)

@@ -26,34 +26,32 @@ it itself; without, setup stops with that exact command until the labels exist.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
 import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
-from fsre_lightning.config import ConfigError
+from fsre_lightning import rules
+from fsre_lightning.data import pseudolabels
 from fsre_lightning.data.cache import ArrayCache, CacheError
-from fsre_lightning.data.kitti import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    KittiDataModule,
-    KittiDataset,
-    cache_name,
-    read_split,
-)
+from fsre_lightning.data.dataset import KittiDataset
+from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule
+from fsre_lightning.data.kitti_cache import cache_name
+from fsre_lightning.data.layout import IMAGE_EXTENSIONS, camera_folder
+from fsre_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
 INTRINSICS_UNITS = ("normalized", "pixels")
-CAMERA = "image_02"  # every sequence is a left camera: split lines end in " l"
+CAMERA = camera_folder(2)  # every sequence is a left camera: split lines end in " l"
 MANIFEST = "layout.json"
 
 
@@ -86,9 +84,7 @@ def layout_name(sequence: str) -> str:
 def normalise_intrinsics(intrinsics: Sequence[float], units: str,
                          sequences: dict[str, list[Path]]) -> tuple[float, float, float, float]:
     """(fx, fy, cx, cy) normalised by the native frame size (pixels: divided by it)."""
-    if units not in INTRINSICS_UNITS:
-        raise ConfigError(f"data.intrinsics_units={units!r} is not allowed: one of "
-                          f"{list(INTRINSICS_UNITS)}")
+    rules.check_choice("intrinsics_units", units, INTRINSICS_UNITS)
     fx, fy, cx, cy = (float(v) for v in intrinsics)
     if units == "normalized":
         return fx, fy, cx, cy
@@ -160,6 +156,45 @@ def build_layout(sequences: dict[str, list[Path]], frames_dir: Path) -> None:
              sum(len(s) for s in sequences.values()), len(sequences), frames_dir)
 
 
+@dataclass(kw_only=True)
+class VideoFolderDataConfig(KittiDataConfig):
+    """The `data` group with data=video_folder: KittiDataConfig plus the layout adapter's keys
+    (`root` is the folder of sequences; the work dir holds splits, caches and labels)."""
+
+    _REQUIRED_PATHS: ClassVar[tuple[str, ...]] = ("root",)
+    _target_: str = "fsre_lightning.data.video_folder.VideoFolderDataModule"
+    root: str | None = None
+    work_dir: str = "data_cache/video_folder"
+    intrinsics: list[float] | None = None  # type: ignore[assignment]
+    intrinsics_units: str = "normalized"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    split_dir: str | None = None  # type: ignore[assignment]
+    label_source: str = "predicted"
+    eval_crop: str = "none"
+    pseudo_label_model: str | None = None
+    pseudo_label_device: str = "auto"
+    pseudo_label_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        rules.require(self.root is not None, "root", self.root,
+                      "required with data=video_folder: the folder with one subfolder of "
+                      "frames per sequence")
+        rules.require(self.intrinsics is not None, "intrinsics", self.intrinsics,
+                      "required with data=video_folder: your camera's [fx, fy, cx, cy], "
+                      "normalised or in pixels (data.intrinsics_units=pixels)")
+        super().__post_init__()
+        rules.check_path("work_dir", self.work_dir)
+        rules.check_choice("intrinsics_units", self.intrinsics_units, INTRINSICS_UNITS)
+        rules.check_number("val_fraction", self.val_fraction, lo=0, strict=True,
+                           what="a number in (0, 1): some frames must train")
+        rules.require(self.val_fraction < 1, "val_fraction", self.val_fraction,
+                      "a number in (0, 1): some frames must train")
+        rules.check_int("split_seed", self.split_seed)
+        rules.check_path("pseudo_label_model", self.pseudo_label_model, nullable=True)
+        rules.check_int("pseudo_label_batch_size", self.pseudo_label_batch_size, lo=1)
+
+
 class VideoFolderDataModule(KittiDataModule):
     """KittiDataModule over ROOT/<sequence>/<frames> (see the module docstring).
 
@@ -182,19 +217,8 @@ class VideoFolderDataModule(KittiDataModule):
                  pseudo_label_device: str = "auto",
                  pseudo_label_batch_size: int = 8,
                  **kwargs: Any) -> None:
-        if not root:
-            raise ConfigError("data.root is required for data=video_folder: the folder with "
-                              "one subfolder of frames per sequence")
-        if intrinsics is None or len(intrinsics) != 4:
-            raise ConfigError(f"data.intrinsics={intrinsics!r}: data=video_folder needs your "
-                              "camera's [fx, fy, cx, cy] (normalised, or in pixels with "
-                              "data.intrinsics_units=pixels)")
-        if intrinsics_units not in INTRINSICS_UNITS:
-            raise ConfigError(f"data.intrinsics_units={intrinsics_units!r} is not allowed: "
-                              f"one of {list(INTRINSICS_UNITS)}")
-        if not 0 < val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={val_fraction!r} is not allowed: a number "
-                              "in (0, 1)")
+        VideoFolderDataConfig(**rules.arguments(locals()), **rules.arguments(kwargs))
+        assert root is not None and intrinsics is not None  # the rules above say so
         self.source_root = Path(root)
         # One work dir per source folder: two data sets never overwrite each other's layout.
         digest = hashlib.sha256(str(self.source_root.resolve()).encode()).hexdigest()[:8]
@@ -242,17 +266,15 @@ class VideoFolderDataModule(KittiDataModule):
     def make_pseudo_labels(self) -> None:
         """`pseudolabel predict` for train and val with `pseudo_label_model` (up-to-date
         caches are kept as they are; an interrupted run resumes)."""
-        from fsre_lightning import pseudolabel
-
         for split in ("train", "val"):
             try:
-                pseudolabel.predict_labels(
+                pseudolabels.predict_labels(
                     self.root, self.split_dir / f"{self.splits[split]}_files.txt",
                     self.cache_dir, (self.height, self.width), str(self.pseudo_label_model),
                     device=self.pseudo_label_device, batch_size=self.pseudo_label_batch_size,
                     # SegFormer sees more detail at twice the depth network's input size.
                     infer_size=(2 * self.height, 2 * self.width), img_ext=self.img_ext,
-                    workers=self.cache_workers, load_model=pseudolabel.load_segformer)
+                    workers=self.cache_workers, load_model=pseudolabels.load_segformer)
             except ImportError as err:  # transformers missing: the seg extra
                 raise DataError(f"data.pseudo_label_model: {err}") from err
 
@@ -286,21 +308,3 @@ class VideoFolderDataModule(KittiDataModule):
             raise DataError("data=video_folder has no test split (no ground truth): use "
                             "`python -m fsre_lightning.predict` to look at its depth")
         return super().build_dataset(stage)
-
-    def split_entries(self, stage: str) -> int:
-        """Number of lines of a stage's split file (for logs and tests)."""
-        return len(read_split(self.split_dir / f"{self.splits[stage]}_files.txt"))
-
-
-def _merged_signature() -> inspect.Signature:
-    """Own parameters plus KittiDataModule's, so that config validation knows every key."""
-    own = inspect.signature(VideoFolderDataModule.__init__).parameters
-    parent = inspect.signature(KittiDataModule.__init__).parameters
-    params = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = {p.name for p in params}
-    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in parent.items()
-               if name not in names and name != "self"]
-    return inspect.Signature(params)
-
-
-VideoFolderDataModule.__init__.__signature__ = _merged_signature()  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Pure loss functions of SPEC section 4 (no state, no configuration).
+"""Pure loss functions (docs/design.md section 3; no state, no configuration).
 
 - photometric: `ssim`, `photometric_loss`, `photometric_losses` (many predictions, one
   target), `ssim_target_stats`, `min_reprojection_loss`
@@ -14,12 +14,11 @@ from fsre_lightning.losses.photometric import (
     ssim,
     ssim_target_stats,
 )
-from fsre_lightning.losses.segmentation import VOID_LABEL, resize_labels, segmentation_loss
+from fsre_lightning.losses.segmentation import resize_labels, segmentation_loss
 from fsre_lightning.losses.sgt import sgt_loss
 from fsre_lightning.losses.smoothness import smoothness_loss
 
 __all__ = [
-    "VOID_LABEL",
     "min_reprojection_loss",
     "photometric_loss",
     "photometric_losses",

@@ -1,4 +1,4 @@
-"""Photometric reconstruction loss (SPEC section 4, eq. 2) and Monodepth2's minimum reprojection.
+"""Photometric error (the paper's eq. 2) and Monodepth2's minimum reprojection (design 3.6-3.7).
 
 - `ssim` is Monodepth2's SSIM: a 3 x 3 box (average) window over a reflection-padded image,
   C1 = 0.01**2, C2 = 0.03**2, returned as the per-pixel dissimilarity clamp((1 - SSIM) / 2, 0, 1).
@@ -23,8 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from fsre_lightning.rules import check_number
+
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
+
+
+def check_alpha(key: str, alpha: Any) -> None:
+    """The SSIM weight of the photometric error: a number in [0, 1] (0 = L1 only)."""
+    check_number(key, alpha, lo=0, hi=1, what="the SSIM weight is in [0, 1]")
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, x_name: str, y_name: str) -> None:
@@ -98,10 +105,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def photometric_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.85) -> torch.Tensor:
-    """SPEC eq. 2 per pixel, B x 1 x H x W: alpha * SSIM term + (1 - alpha) * L1, channel means."""
+    """The paper's eq. 2 per pixel (B x 1 x H x W): alpha SSIM + (1 - alpha) L1, channel means."""
     _check_pair(pred, target, "pred", "target")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_alpha("alpha", alpha)
     l1 = (pred - target).abs().mean(dim=1, keepdim=True)
     if alpha == 0.0:
         return l1
@@ -137,8 +143,7 @@ def photometric_losses(
             f"preds must be N x {tuple(target.shape)} (N predictions of the target's shape), "
             f"got shape {tuple(preds.shape)}"
         )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_alpha("alpha", alpha)
     n, b, c, h, w = preds.shape
     l1 = (preds - target).abs().mean(dim=2, keepdim=True)
     if alpha == 0.0:

@@ -1,11 +1,11 @@
-"""Cross-entropy against pseudo-labels (SPEC section 4) and nearest-neighbour label resizing."""
+"""Cross-entropy against pseudo-labels (design 3.9) and nearest-neighbour label resizing."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-VOID_LABEL = 255
+from fsre_lightning.cityscapes import VOID
 
 
 def _check_integer_labels(labels: torch.Tensor, name: str = "labels") -> None:
@@ -14,7 +14,7 @@ def _check_integer_labels(labels: torch.Tensor, name: str = "labels") -> None:
 
 
 def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = VOID_LABEL
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = VOID
 ) -> torch.Tensor:
     """Mean cross-entropy over non-void pixels; 0 (with a graph, never NaN) when all are void.
 

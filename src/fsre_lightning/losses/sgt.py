@@ -1,4 +1,4 @@
-"""Semantics-guided triplet loss (SPEC section 4, eqs. 5-8), without the K^2 feature copy.
+"""Semantics-guided triplet loss (the paper's eqs. 5-8; design 3.10), without the K^2 feature copy.
 
 For each anchor pixel i with a non-void label, the K x K patch around it (stride 1) is split
 into P+ (pixels of the anchor's class, the anchor included) and P- (pixels of another non-void
@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fsre_lightning.losses.segmentation import VOID_LABEL, _check_integer_labels
+from fsre_lightning.cityscapes import VOID
+from fsre_lightning.losses.segmentation import _check_integer_labels
+from fsre_lightning.rules import is_number, require
 
-# Lower bound inside the square root: keeps the distance differentiable at 0 (SPEC).
+# Lower bound inside the square root: keeps the distance differentiable at 0.
 DIST_EPS = 1e-9
 # Eps of the channel-norm division (F.normalize's default).
 NORM_EPS = 1e-12
@@ -217,15 +219,34 @@ def _as_int(value: object) -> int | None:
         return None
 
 
+def check_sgt_options(kernel_size: Any, margin: Any, threshold: Any,
+                      keys: tuple[str, str, str] = ("kernel_size", "margin", "threshold")
+                      ) -> tuple[int, float, int]:
+    """The rules of K, m and T (`keys` name them in errors); returns (K, m, T).
+
+    m = 0 is allowed: the paper sweeps the margin and 0 is the end point of that sweep.
+    """
+    k_key, m_key, t_key = keys
+    k = _as_int(kernel_size)
+    require(k is not None and k >= 3 and k % 2 == 1, k_key, kernel_size,
+            "K must be an odd integer >= 3 (the patch is centred on its anchor)")
+    require(is_number(margin) and margin >= 0, m_key, margin,
+            "m, the triplet margin, must be >= 0")
+    t = k - 1 if threshold is None else _as_int(threshold)
+    require(t is not None and 1 <= t < k * k, t_key, threshold,
+            f"null (= K - 1) or an integer in 1..{k * k - 1}")
+    return k, float(margin), t
+
+
 def sgt_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
     kernel_size: int = 5,
     margin: float = 0.3,
     threshold: int | None = None,
-    ignore_index: int = VOID_LABEL,
+    ignore_index: int = VOID,
 ) -> torch.Tensor:
-    """Semantics-guided triplet loss of one feature map (SPEC section 4), a scalar.
+    """Semantics-guided triplet loss of one feature map (the paper's eqs. 5-8), a scalar.
 
     `features` is B x C x h x w; `labels` B x h x w integer class ids at the same size
     (`ignore_index`, 255, is void). `threshold` None means K - 1. Returns the mean hinge over
@@ -243,17 +264,8 @@ def sgt_loss(
             f"labels must be B x h x w = {expected} (the features' batch and size), "
             f"got shape {tuple(labels.shape)}; resize them with resize_labels"
         )
-    k = _as_int(kernel_size)
-    if k is None or k < 3 or k % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd integer >= 3, got {kernel_size!r}")
-    if not margin >= 0:  # also rejects NaN
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    t = k - 1 if threshold is None else _as_int(threshold)
-    if t is None or t < 1:
-        raise ValueError(
-            f"threshold must be an integer >= 1 (or None for K - 1), got {threshold!r}"
-        )
+    k, m, t = check_sgt_options(kernel_size, margin, threshold)
 
     if features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
-    return _SGTLoss.apply(features, labels.to(torch.long), k, float(margin), t, int(ignore_index))
+    return _SGTLoss.apply(features, labels.to(torch.long), k, m, t, int(ignore_index))

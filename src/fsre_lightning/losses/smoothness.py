@@ -1,4 +1,4 @@
-"""Edge-aware disparity smoothness (SPEC section 4, eq. 3)."""
+"""Edge-aware disparity smoothness (the paper's eq. 3; design 3.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cross-task multi-embedding attention, one direction (SPEC section 3, paper eqs. 9-14).
+"""Cross-task multi-embedding attention, one direction (the paper's eqs. 9-14; design 3.11).
 
 For a target T and a reference R (both B x C x h x w), H embeddings of width C' = int(r * C):
 

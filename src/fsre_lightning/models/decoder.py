@@ -1,4 +1,4 @@
-"""Monodepth2's U-Net decoder, callable block by block (SPEC sections 1 and 2).
+"""Monodepth2's U-Net decoder, callable block by block (docs/design.md sections 2 and 3.1).
 
 Block s (s = 4..0, coarsest first) maps the previous block's output (or the deepest encoder map
 for s = 4) to features of size H / 2^s with `DECODER_CHANNELS[s]` channels:
@@ -14,15 +14,28 @@ applies sigmoid (disparity) or keeps logits (segmentation). The block-wise API l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fsre_lightning.models.layers import ConvBlock, conv3x3
+from fsre_lightning.rules import is_int, require
 
 DECODER_CHANNELS = (16, 32, 64, 128, 256)
 NUM_SCALES = len(DECODER_CHANNELS)
+
+
+def check_scales(key: str, value: Any, allow_empty: bool = True) -> None:
+    """Decoder scales (s = 0..4, block s at H / 2^s): unique integers, in any order."""
+    scales = list(value) if isinstance(value, list | tuple) else None
+    require(scales is not None, key, value, "a list of decoder scales, e.g. [0]")
+    require(allow_empty or bool(scales), key, value, "give at least one scale")
+    require(all(is_int(s) and 0 <= s < NUM_SCALES for s in scales), key, value,
+            f"decoder scales are integers in 0..{NUM_SCALES - 1} (s = 0 is full resolution; "
+            "the paper's layer l is 4 - s)")
+    require(len(set(scales)) == len(scales), key, value, "scales must be unique")
 
 
 class MonodepthDecoder(nn.Module):
@@ -45,9 +58,7 @@ class MonodepthDecoder(nn.Module):
             raise ValueError(
                 f"encoder_channels must list {NUM_SCALES} widths, got {list(encoder_channels)}"
             )
-        for s in head_scales:
-            if not 0 <= s < NUM_SCALES:
-                raise ValueError(f"head_scales entries must be in 0..4, got {list(head_scales)}")
+        check_scales("head_scales", list(head_scales))
         self.encoder_channels = tuple(int(c) for c in encoder_channels)
         self.head_scales = tuple(sorted({int(s) for s in head_scales}, reverse=True))
         ch = DECODER_CHANNELS

@@ -1,7 +1,7 @@
 """timm feature encoders with Monodepth2's input normalisation and offline-only weight loading.
 
 `build_encoder` wraps `timm.create_model(name, features_only=True)` and checks that the model
-yields five maps at strides 2, 4, 8, 16, 32 (SPEC section 2: stem after the first ReLU, then
+yields five maps at strides 2, 4, 8, 16, 32 (docs/design.md 3.1: stem after the first ReLU, then
 layer1..layer4 for a ResNet).
 
 Pretrained weights are never downloaded. They come from, in this order:
@@ -31,15 +31,33 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+from fsre_lightning.errors import UserError
+from fsre_lightning.rules import check_choice, is_int, require
+
 _logger = logging.getLogger(__name__)
 
-# Monodepth2 / FSRE normalise with one mean and std for every channel (SPEC section 2).
+# Monodepth2 / FSRE normalise with one mean and std for every channel (design 3.1).
 INPUT_MEAN = 0.45
 INPUT_STD = 0.225
 EXPECTED_REDUCTIONS = (2, 4, 8, 16, 32)
+# Five stride-2 stages: an input size must be a multiple of 32 for the decoder's skips to line up.
+SIZE_DIVISOR = EXPECTED_REDUCTIONS[-1]
+# true: ImageNet weights or an error; false: random init; auto: weights when a local copy exists.
+PRETRAINED = (True, False, "auto")
 
 
-class PretrainedWeightsNotFound(RuntimeError):  # noqa: N818 - name given by the API
+def check_image_size(key: str, value: Any) -> None:
+    """A network input height or width: a positive multiple of 32."""
+    require(is_int(value) and value > 0 and value % SIZE_DIVISOR == 0, key, value,
+            f"the image size must be a positive multiple of {SIZE_DIVISOR} (the encoder "
+            f"downsamples {SIZE_DIVISOR}x)")
+
+
+def check_pretrained(key: str, value: Any) -> None:
+    check_choice(key, value, PRETRAINED)
+
+
+class PretrainedWeightsNotFound(UserError, RuntimeError):  # noqa: N818 - name given by the API
     """Pretrained weights were asked for but no local copy exists (nothing is downloaded)."""
 
 
@@ -243,8 +261,7 @@ def build_encoder(
         except PretrainedWeightsNotFound as err:
             _logger.warning("pretrained=auto, using random initialisation: %s", err)
             return build_encoder(name, False, None, num_input_images)
-    if pretrained not in (True, False):
-        raise ValueError(f"pretrained={pretrained!r}: use true, false or 'auto'")
+    check_pretrained("pretrained", pretrained)
     if num_input_images < 1:
         raise ValueError(f"num_input_images must be >= 1, got {num_input_images}")
     if num_input_images == 1:

@@ -1,6 +1,8 @@
-"""FSRENetwork: shared encoder, depth and segmentation decoders, CMA between them (SPEC 1-3).
+"""FSRENetwork: shared encoder, depth and segmentation decoders, CMA between them.
 
-Variants (SPEC section 8 rows):
+The architecture is docs/design.md sections 3.1 and 3.11.
+
+Variants (rows of the paper's Table 1b):
 
 - `segmentation=False, cma_scales=()`: Monodepth2 baseline (encoder + depth decoder).
 - `cma_scales=()`: "+ L_CE" (shared encoder, two plain decoders).
@@ -11,38 +13,63 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fsre_lightning import rules
+from fsre_lightning.cityscapes import NUM_CLASSES
 from fsre_lightning.models.cma import ATTENTION_SCALES, CrossTaskAttention
-from fsre_lightning.models.decoder import DECODER_CHANNELS, NUM_SCALES, MonodepthDecoder
-from fsre_lightning.models.encoder import build_encoder
+from fsre_lightning.models.decoder import (
+    DECODER_CHANNELS,
+    NUM_SCALES,
+    MonodepthDecoder,
+    check_scales,
+)
+from fsre_lightning.models.encoder import SIZE_DIVISOR, build_encoder, check_pretrained
 
 CMA_TARGETS = ("depth", "seg")
-# Five stride-2 stages: H and W must be divisible by 2^5 for the skips to line up.
-SIZE_DIVISOR = 32
 
 
-def _scales(name: str, values: Sequence[int], allow_empty: bool) -> tuple[int, ...]:
-    """Validate a tuple of decoder scales (0..4, unique)."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a sequence of ints in 0..4, got {values!r}")
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must hold integers in 0..4, got {list(values)}") from err
-    if any(v != raw for v, raw in zip(out, values, strict=True)):
-        raise ValueError(f"{name} must hold integers in 0..4, got {list(values)}")
-    if not allow_empty and not out:
-        raise ValueError(f"{name} must not be empty")
-    if any(not 0 <= v < NUM_SCALES for v in out):
-        raise ValueError(f"{name} entries must be in 0..4, got {list(values)}")
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name} entries must be unique, got {list(values)}")
-    return out
+@dataclass(kw_only=True)
+class NetworkConfig:
+    """`model.network`: FSRENetwork's arguments and their rules (it builds this itself)."""
+
+    _target_: str = "fsre_lightning.models.FSRENetwork"
+    encoder: str = "resnet18"
+    pretrained: Any = False
+    num_classes: int = NUM_CLASSES
+    disp_scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    cma_scales: list[int] = field(default_factory=lambda: [4, 3, 2])
+    num_heads: int = 4
+    head_ratio: float = 2.0
+    cma_targets: list[str] = field(default_factory=lambda: ["depth", "seg"])
+    attention_scale: str = "paper"
+    segmentation: bool = True
+    weights_path: str | None = None
+
+    def __post_init__(self) -> None:
+        rules.require(isinstance(self.encoder, str) and bool(self.encoder), "encoder",
+                      self.encoder, "a timm model name, e.g. resnet18.tv_in1k")
+        check_pretrained("pretrained", self.pretrained)
+        rules.check_path("weights_path", self.weights_path, nullable=True)
+        rules.check_int("num_classes", self.num_classes, lo=1)
+        check_scales("disp_scales", self.disp_scales, allow_empty=False)
+        check_scales("cma_scales", self.cma_scales)
+        rules.check_int("num_heads", self.num_heads, lo=1,
+                        what="H, the number of embeddings, must be an integer >= 1")
+        rules.check_number("head_ratio", self.head_ratio, lo=0, strict=True)
+        targets = list(self.cma_targets) if isinstance(self.cma_targets, list | tuple) else None
+        rules.require(targets is not None and bool(targets)
+                      and set(targets) <= set(CMA_TARGETS) and len(set(targets)) == len(targets),
+                      "cma_targets", self.cma_targets,
+                      f"a non-empty subset of {list(CMA_TARGETS)}")
+        rules.check_choice("attention_scale", self.attention_scale, ATTENTION_SCALES)
+        rules.require(self.segmentation or not self.cma_scales, "cma_scales", self.cma_scales,
+                      "CMA needs the segmentation decoder: use [] with segmentation=false")
 
 
 class FSRENetwork(nn.Module):
@@ -81,7 +108,7 @@ class FSRENetwork(nn.Module):
         self,
         encoder: str = "resnet18",
         pretrained: bool | str = False,
-        num_classes: int = 19,
+        num_classes: int = NUM_CLASSES,
         disp_scales: Sequence[int] = (0, 1, 2, 3),
         cma_scales: Sequence[int] = (4, 3, 2),
         num_heads: int = 4,
@@ -92,33 +119,8 @@ class FSRENetwork(nn.Module):
         weights_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        disp = _scales("disp_scales", disp_scales, allow_empty=False)
-        cma = _scales("cma_scales", cma_scales, allow_empty=True)
-        if isinstance(cma_targets, str):
-            cma_targets = (cma_targets,)
-        targets = tuple(cma_targets)
-        if not set(targets) <= set(CMA_TARGETS) or len(set(targets)) != len(targets):
-            raise ValueError(
-                f"cma_targets must be unique entries of {CMA_TARGETS}, got {list(targets)}"
-            )
-        if cma and not targets:
-            raise ValueError(f"cma_targets must not be empty when cma_scales={list(cma)}")
-        if int(num_heads) != num_heads or num_heads < 1:
-            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads}")
-        if not head_ratio > 0:
-            raise ValueError(f"head_ratio must be > 0, got {head_ratio}")
-        if attention_scale not in ATTENTION_SCALES:
-            raise ValueError(
-                f"attention_scale must be one of {ATTENTION_SCALES}, got {attention_scale!r}"
-            )
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes}")
-        if not segmentation and cma:
-            raise ValueError(
-                f"cma_scales={list(cma)} needs the segmentation decoder: use cma_scales=() "
-                "with segmentation=False"
-            )
-
+        NetworkConfig(**rules.arguments(locals()))
+        disp, cma, targets = tuple(disp_scales), tuple(cma_scales), tuple(cma_targets)
         self.disp_scales = tuple(sorted(disp))
         self.cma_scales = tuple(sorted(cma, reverse=True))
         self.cma_targets = targets if cma else ()

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the decoders and the CMA fusion (SPEC section 2)."""
+"""Small building blocks shared by the decoders and the CMA fusion (docs/design.md section 3.1)."""
 
 from __future__ import annotations
 

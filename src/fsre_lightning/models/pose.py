@@ -1,4 +1,4 @@
-"""PoseNetwork: Monodepth2's two-frame pose network (SPEC section 2).
+"""PoseNetwork: Monodepth2's two-frame pose network (docs/design.md section 3.1).
 
 A separate ResNet takes two frames stacked on channels (6 inputs); its deepest map goes through
 the pose decoder (1x1 512->256, ReLU, 3x3 256->256, ReLU, 3x3 256->256, ReLU, 1x1 256->6),
@@ -15,15 +15,38 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from fsre_lightning.geometry import transformation_from_parameters
-from fsre_lightning.models.encoder import build_encoder
+from fsre_lightning.models.encoder import build_encoder, check_pretrained
+from fsre_lightning.rules import arguments, check_path, is_number, require
 
 # Keeps the initial motion estimates near identity (Monodepth2).
 POSE_SCALE = 0.01
+
+
+@dataclass(kw_only=True)
+class PoseNetworkConfig:
+    """`model.pose_network`: PoseNetwork's arguments and their rules."""
+
+    _target_: str = "fsre_lightning.models.PoseNetwork"
+    encoder: str = "resnet18"
+    pretrained: Any = False
+    weights_path: str | None = None
+    init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder,
+                "a timm model name, e.g. resnet18.tv_in1k")
+        check_pretrained("pretrained", self.pretrained)
+        check_path("weights_path", self.weights_path, nullable=True)
+        t = self.init_translation
+        require(isinstance(t, list | tuple) and len(t) == 3 and all(is_number(v) for v in t),
+                "init_translation", t, "three numbers (x, y, z); forward motion is (0, 0, -t)")
 
 
 class PoseNetwork(nn.Module):
@@ -42,6 +65,7 @@ class PoseNetwork(nn.Module):
         init_translation: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> None:
         super().__init__()
+        PoseNetworkConfig(**arguments(locals()))
         self.encoder = build_encoder(
             encoder, pretrained=pretrained, weights_path=weights_path, num_input_images=2
         )
@@ -55,9 +79,6 @@ class PoseNetwork(nn.Module):
             nn.ReLU(),
             nn.Conv2d(256, 6, kernel_size=1),
         )
-        if len(init_translation) != 3:
-            raise ValueError(f"init_translation must be 3 numbers (x, y, z), "
-                             f"got {init_translation!r}")
         with torch.no_grad():
             bias = self.decoder[-1].bias
             bias[3:] += torch.tensor([float(v) for v in init_translation]) / POSE_SCALE

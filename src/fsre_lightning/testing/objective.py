@@ -17,12 +17,9 @@ from fsre_lightning.geometry import disp_to_depth, warp
 from fsre_lightning.losses import (
     min_reprojection_loss,
     photometric_loss,
-    resize_labels,
-    segmentation_loss,
-    sgt_loss,
     smoothness_loss,
 )
-from fsre_lightning.objective import LossConfig, downsample_image, upsample_to
+from fsre_lightning.objective import LossConfig, downsample_image, upsample_to, weighted_terms
 
 
 def plain_compute_losses(
@@ -58,36 +55,4 @@ def plain_compute_losses(
         photometric_terms.append(loss_s)
         smooth_terms.append(smoothness_loss(disp, downsample_image(target, s)))
 
-    if cfg.scale_weighting == "reference":
-        photometric = sum(t / 2**s for t, s in zip(photometric_terms, scales, strict=True))
-        smoothness = sum(t / 2**s for t, s in zip(smooth_terms, scales, strict=True))
-    else:
-        photometric = torch.stack(photometric_terms).mean()
-        smoothness = torch.stack(
-            [t / 2**s for t, s in zip(smooth_terms, scales, strict=True)]
-        ).mean()
-    losses: dict[str, torch.Tensor] = {"photometric": photometric, "smoothness": smoothness}
-    total = photometric + cfg.smoothness_weight * smoothness
-    if cfg.segmentation_weight > 0 and "seg_logits" in outputs:
-        assert labels is not None
-        losses["segmentation"] = segmentation_loss(outputs["seg_logits"], labels)
-        total = total + cfg.segmentation_weight * losses["segmentation"]
-    if cfg.sgt_weight > 0 and cfg.sgt_scales:
-        assert labels is not None
-        features: Mapping[int, torch.Tensor] = outputs["depth_features"]  # type: ignore[assignment]
-        sgt_total = torch.zeros((), device=target.device, dtype=target.dtype)
-        for s in cfg.sgt_scales:
-            feat = features[s]
-            term = sgt_loss(
-                feat,
-                resize_labels(labels, tuple(feat.shape[-2:])),
-                kernel_size=cfg.sgt_kernel_size,
-                margin=cfg.sgt_margin,
-                threshold=cfg.sgt_threshold,
-            )
-            losses[f"sgt_s{s}"] = term
-            sgt_total = sgt_total + (term / 2**s if cfg.scale_weighting == "reference" else term)
-        losses["sgt"] = sgt_total
-        total = total + cfg.sgt_weight * sgt_total
-    losses["total"] = total
-    return losses
+    return weighted_terms(photometric_terms, smooth_terms, scales, outputs, labels, cfg)

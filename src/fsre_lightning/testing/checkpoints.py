@@ -1,4 +1,4 @@
-"""A randomly initialised checkpoint in a run folder, for the predict and export tests."""
+"""Randomly initialised checkpoints in run folders, for the predict and export tests."""
 
 from __future__ import annotations
 

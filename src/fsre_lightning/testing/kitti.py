@@ -1,4 +1,5 @@
-"""A tiny KITTI-raw-layout folder for the cache and pseudo-label tests (not a test module)."""
+"""A tiny KITTI-raw-layout folder with label-id PNGs (the cache, pseudo-label and reliability
+tests build one in a temporary folder)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fsre_lightning.data.layout import camera_folder, image_file, label_file
+
 DRIVE = "2011_01_01/2011_01_01_drive_0001_sync"
+CAMERA = camera_folder(2)
 NATIVE = (60, 200)  # a small stand-in for KITTI's 375 x 1242 (same aspect, roughly)
 
 # Cityscapes label ids painted into every label PNG, and the train ids they must become.
@@ -43,14 +47,14 @@ def make_kitti(tmp_path: Path, frames: int = 6, ext: str = "png",
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: size[0], : size[1]]
     for f in range(frames):
-        img = root / DRIVE / "image_02" / "data" / f"{f:010d}.{ext}"
+        img = image_file(root, DRIVE, CAMERA, f, ext)
         img.parent.mkdir(parents=True, exist_ok=True)
         # Smooth gradients plus noise: Lanczos over- and undershoots get exercised.
         base = np.stack([(xx * 255 // size[1]), (yy * 255 // size[0]),
                          ((xx + yy + 20 * f) % 256)], -1)
         noise = rng.integers(0, 60, (*size, 3))
         Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(img)
-        label = root / "segmentation" / DRIVE / "image_02" / f"{f:010d}.png"
+        label = label_file(root / "segmentation", DRIVE, CAMERA, f)
         label.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(label_ids_image(size)).save(label)
     splits = root / "splits" / "tiny"

@@ -1,0 +1,250 @@
+"""Train FSRE-Depth: `python -m fsre_lightning.train [overrides]`.
+
+With no overrides it trains the full model on the built-in synthetic scenes (generated on first
+use). Each run folder gets checkpoints/ (best and last), config.yaml (the resolved config) and
+metrics.json (validation metrics before, if asked, and after training).
+
+`init_weights=<ckpt or release folder>` starts a fine-tuning run from those weights;
+`ckpt_path=<file>|last|auto` resumes exactly (see README "Interrupting and resuming"); SIGTERM
+saves checkpoints/last.ckpt and exits with PREEMPTED_EXIT_CODE and the command to resume.
+"""
+
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from fsre_lightning.callbacks import CheckpointOnInterrupt, RNGStateCheckpoint
+from fsre_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    check_state_dict_compatible,
+    find_last_checkpoint,
+    load_checkpoint_weights_only,
+)
+from fsre_lightning.config import validate_config
+from fsre_lightning.loading import load_initial_weights
+from fsre_lightning.metrics import REPORTED_METRICS
+from fsre_lightning.module import metric_summary
+from fsre_lightning.runtime import CONFIG_DIR, PreemptedError, call_hydra, run_or_exit
+from fsre_lightning.sweep import effective_batch_split, install_ddp_launcher_fix
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: Mapping[str, Any] | None) -> list[Any]:
+    """Instantiate every entry of a config group that maps names to `_target_` configs."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
+
+
+def choose_monitor(cfg: DictConfig, datamodule: Any) -> None:
+    """`monitor: auto` means depth AbsRel when validation has ground truth, else the val loss."""
+    for cb in (cfg.get("callbacks") or {}).values():
+        if cb and cb.get("monitor") == "auto":
+            has_gt = datamodule.has_val_gt
+            with open_dict(cb):
+                cb.monitor = "val/abs_rel" if has_gt else "val/loss"
+            log.info("checkpoint monitor: %s", cb.monitor)
+
+
+def print_metrics(results: Mapping[str, Mapping[str, float]], title: str) -> None:
+    """A rich table with one column per result set (e.g. before / after training)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    keys = [k for k in REPORTED_METRICS if any(k in r for r in results.values())]
+    for key in keys:
+        table.add_row(key, *(f"{r[key]:.4f}" if key in r else "-" for r in results.values()))
+    Console().print(table)
+
+
+def print_wandb_sync_hint(trainer: pl.Trainer) -> None:
+    """Offline wandb runs are only useful once synced: say how, at the end of every run."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_offline", False):
+            run_path = Path(logger.experiment.dir).parent
+            Console().print(f"wandb run saved offline; to upload it: [bold]wandb sync {run_path}")
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
+    """`ckpt_path` as a file: `last` = the newest last.ckpt of this run name (error if none),
+    `auto` = the same or None (a fresh start), e.g. for a SLURM job that may be requeued."""
+    value = cfg.get("ckpt_path")
+    if value in (None, ""):
+        return None
+    if str(value) in ("last", "auto"):
+        try:
+            return find_last_checkpoint(cfg.paths.output_dir, cfg.name, exclude=cfg.paths.run_dir)
+        except FileNotFoundError:
+            if str(value) == "auto":
+                return None
+            raise
+    path = Path(str(value))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(value)!r}: no such checkpoint file (training "
+                                "writes <run folder>/checkpoints/last.ckpt; ckpt_path=last "
+                                "takes the newest)")
+    return path
+
+
+def trainer_plugins() -> list[Any]:
+    """Atomic checkpoint writes always; SLURM auto-requeue on SIGUSR1 inside a SLURM job."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if os.environ.get("SLURM_JOB_ID"):
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        # `sbatch --signal=USR1@90`: Lightning saves an hpc checkpoint and requeues the job;
+        # SLURM's SIGTERM that follows makes CheckpointOnInterrupt write last.ckpt.
+        plugins.append(SLURMEnvironment(requeue_signal=signal.SIGUSR1))
+    return plugins
+
+
+def apply_effective_batch(cfg: DictConfig) -> None:
+    """`effective_batch_size` set: data.batch_size becomes its share per process."""
+    effective = cfg.get("effective_batch_size")
+    if effective is None:
+        return
+    batch, processes, accumulate = effective_batch_split(effective, cfg.trainer)
+    with open_dict(cfg):
+        cfg.data.batch_size = batch
+    log.info("effective batch %d = %d process(es) x %d x %d accumulated", effective, processes,
+             batch, accumulate)
+
+
+def log_run_config(trainer: pl.Trainer, cfg: DictConfig) -> None:
+    """Every logger gets the whole resolved config (data, trainer, seed ...), not only the
+    model's hyper-parameters, so runs of a sweep can be filtered by any key."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+def finish_loggers(trainer: pl.Trainer, results: Mapping[str, Any]) -> None:
+    """The final evaluation table to wandb, then close the wandb run: the next member of a
+    --multirun, in this same process, must start its own run instead of reusing this one."""
+    rows = [(stage, results[stage]) for stage in ("before", "after") if stage in results]
+    keys = [k for k in REPORTED_METRICS if any(k in r for _, r in rows)]
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "WandbLogger" or not trainer.is_global_zero:
+            continue
+        if rows:
+            logger.log_table(key="eval/final", columns=["stage", *keys],
+                             data=[[stage, *(r.get(k) for k in keys)] for stage, r in rows])
+        logger.experiment.summary.update(
+            {f"final/{k}": v for k, v in results.get("after", {}).items()})
+        logger.experiment.finish()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and evaluate) as the config says; returns what metrics.json holds."""
+    validate_config(cfg, "train")
+    apply_effective_batch(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    ckpt_path = resolve_ckpt_path(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    # Find missing files and bad splits now, not an hour into the first epoch.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    choose_monitor(cfg, datamodule)
+
+    module = hydra.utils.instantiate(
+        cfg.model, loss=cfg.loss, eval_crop=cfg.data.eval_crop,
+        min_depth_eval=cfg.data.min_depth_eval, max_depth_eval=cfg.data.max_depth_eval,
+        _recursive_=False)
+    if cfg.get("init_weights") and ckpt_path is None:
+        log.info(load_initial_weights(module, cfg.init_weights))
+    if ckpt_path is not None:
+        # Another architecture fails here, naming the keys, not deep inside Lightning's restore.
+        checkpoint = load_checkpoint_weights_only(ckpt_path)
+        check_state_dict_compatible(module, checkpoint["state_dict"], source=str(ckpt_path))
+        del checkpoint
+        log.info("resuming from %s", ckpt_path)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(ckpt_path)  # config.yaml records the file actually resumed
+    if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this entry point into the same folder
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=instantiate_group(cfg.get("logger")) or False,
+        # Not optional like the config's callbacks: without it a resumed run is not exact.
+        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint()],
+        plugins=trainer_plugins(),
+    )
+    log_run_config(trainer, cfg)
+
+    results: dict[str, Any] = {}
+    if cfg.get("eval_before"):
+        results["before"] = metric_summary(trainer.validate(module, datamodule=datamodule)[0])
+    fit_kwargs: dict[str, Any] = {}
+    if "weights_only" in inspect.signature(trainer.fit).parameters:
+        # Checkpoints hold tensors and plain types only: no pickled code runs on resume.
+        fit_kwargs["weights_only"] = True
+    try:
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None, **fit_kwargs)
+    except SIGTERMException as err:
+        saved = [cb.path for cb in trainer.callbacks
+                 if isinstance(cb, CheckpointOnInterrupt) and cb.path.is_file()]
+        hint = (f"resume with ckpt_path={saved[0]} (or ckpt_path=last name={cfg.name})"
+                if saved else "no checkpoint was written (nothing trained yet, or "
+                "callbacks.checkpoint_on_interrupt is off)")
+        raise PreemptedError(f"preempted (SIGTERM) at step {trainer.global_step}; {hint}") from err
+    # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
+    results["after"] = metric_summary(trainer.validate(module, datamodule=datamodule)[0])
+
+    best = [cb.best_model_path for cb in trainer.checkpoint_callbacks
+            if getattr(cb, "monitor", None) and getattr(cb, "best_model_path", "")]
+    results["checkpoints"] = {"last": str(last), "best": best[0] if best else None}
+    results["global_step"] = trainer.global_step
+    results["resumed_from"] = str(ckpt_path) if ckpt_path else None
+    if not trainer.is_global_zero:  # DDP: the metrics are synced; rank 0 writes and prints
+        return results
+    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+
+    summary = {k: results[k] for k in ("before", "after") if k in results}
+    summary_path = cfg.get("summary_path")
+    if summary_path:
+        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_path).write_text(json.dumps(summary, indent=2))
+    print_metrics(summary, "validation metrics")
+    Console().print(f"run folder: {run_dir}", soft_wrap=True)
+    print_wandb_sync_hint(trainer)
+    finish_loggers(trainer, results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    # DDP's other ranks must re-run this job, not the whole --multirun (fsre_lightning.sweep).
+    install_ddp_launcher_fix()
+    run_or_exit("train", run, cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m fsre_lightning.train [overrides]`; returns the exit status."""
+    return call_hydra(_hydra_main, argv)

@@ -1,0 +1,347 @@
+"""Result tables of a sweep (`python -m fsre_lightning.report`, fsre_lightning.cli.report).
+
+Collects every member's `metrics.json` (the validation metrics after training) and
+`.hydra/overrides.yaml`, and writes the paper's layout: one row per swept value, columns the
+seven depth metrics and mIoU, mean and spread (sample standard deviation) over seeds when
+several seeds ran. Writes `report.md`, `report.csv` and `abs_rel.png` into the sweep folder
+(or `--out`), prints the Markdown, and puts the paper's published row (its Tables 1 and 2) under
+each of ours where the paper has one.
+
+The source is a sweep folder (`outputs/multirun/<name>/<time>`), an experiment's folder of
+sweeps (`outputs/multirun/<name>`: its newest sweep), or a wandb group (`<name>-<time>`, as
+`logger=wandb` names the group of a sweep), looked up under `--outputs` (default
+$FSRE_OUTPUT_DIR or ./outputs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fsre_lightning.errors import UserError
+from fsre_lightning.metrics import REPORTED_METRICS
+
+METRICS = REPORTED_METRICS
+HEADERS: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",
+                           "rmse_log": "RMSlog", "a1": "d1", "a2": "d2", "a3": "d3",
+                           "miou": "mIoU"}
+SEED_KEY = "seed"
+
+
+def _row(abs_rel: float, sq_rel: float, rmse: float, rmse_log: float, a1: float, a2: float,
+         a3: float, **extra: float) -> dict[str, float]:
+    return {"abs_rel": abs_rel, "sq_rel": sq_rel, "rmse": rmse, "rmse_log": rmse_log,
+            "a1": a1, "a2": a2, "a3": a3, **extra}
+
+
+# The paper's results (KITTI Eigen test, 192 x 640, ResNet-18 unless said); mIoU on KITTI 2015 as a
+# fraction. Per experiment (the run's `name`): the swept key, then value -> (label, metrics).
+# The value is the override's value as YAML, re-serialised (see `canonical`); "" = no sweep.
+_FULL = _row(0.105, 0.722, 4.547, 0.182, 0.886, 0.964, 0.984, miou=0.566)
+_CE_SGT = _row(0.108, 0.755, 4.618, 0.186, 0.882, 0.962, 0.983)
+_CE_CMA = _row(0.107, 0.741, 4.586, 0.184, 0.884, 0.962, 0.983)
+PAPER: dict[str, tuple[str, dict[str, tuple[str, dict[str, float]]]]] = {
+    "table1b": ("variant", {
+        "baseline": ("Monodepth2 (baseline)", _row(0.114, 0.864, 4.817, 0.192, 0.875, 0.959,
+                                                    0.981)),
+        "ce": ("+ L_CE", _row(0.112, 0.823, 4.705, 0.189, 0.879, 0.961, 0.982)),
+        "ce_sgt": ("+ L_CE + L_SGT", _CE_SGT),
+        "ce_cma": ("+ L_CE + CMA", _CE_CMA),
+        "full": ("full (CE + SGT + CMA)", _FULL),
+    }),
+    "full_hr": ("", {"": ("full, 320 x 1024", _row(0.102, 0.687, 4.366, 0.178, 0.895, 0.967,
+                                                   0.984, miou=0.606))}),
+    "full_r50": ("", {"": ("full, ResNet-50", _row(0.102, 0.675, 4.393, 0.178, 0.893, 0.966,
+                                                   0.984))}),
+    "ablation_sgt_layers": ("loss.sgt_scales", {
+        "[4, 3, 2, 1]": ("SGT at l 0-3 (s 4..1)", {"abs_rel": 0.108, "sq_rel": 0.757}),
+        "[3, 2, 1]": ("SGT at l 1-3 (s 3..1)", {"abs_rel": 0.108, "sq_rel": 0.755}),
+        "[3, 2, 1, 0]": ("SGT at l 1-4 (s 3..0)", {"abs_rel": 0.108, "sq_rel": 0.742}),
+    }),
+    "ablation_k": ("loss.sgt_kernel_size", {
+        "3": ("K = 3", {"abs_rel": 0.109}),
+        "5": ("K = 5", {"abs_rel": 0.108}),
+        "7": ("K = 7", {"abs_rel": 0.110}),
+    }),
+    "ablation_cma": ("model.network.cma_targets", {
+        '["depth"]': ("CMA target D", {"abs_rel": 0.108}),
+        '["seg"]': ("CMA target S", {"abs_rel": 0.111}),
+        '["depth", "seg"]': ("CMA target D,S", {"abs_rel": 0.107}),
+    }),
+    "ablation_h": ("model.network.num_heads", {
+        "1": ("H = 1", {"abs_rel": 0.108, "sq_rel": 0.762}),
+        "2": ("H = 2", {"abs_rel": 0.107, "sq_rel": 0.749}),
+        "4": ("H = 4", {"abs_rel": 0.107, "sq_rel": 0.741}),
+    }),
+}
+
+
+class ReportError(UserError, ValueError):
+    """No sweep at the given place, or nothing in it to tabulate."""
+
+
+@dataclass
+class Member:
+    """One finished run of a sweep."""
+
+    path: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float]
+    name: str
+    seed: int | None
+
+
+@dataclass
+class Row:
+    """Runs sharing every swept value but the seed."""
+
+    values: tuple[tuple[str, str], ...]
+    members: list[Member] = field(default_factory=list)
+
+    def stats(self, key: str) -> tuple[float | None, float | None]:
+        """Mean and sample standard deviation (None with a single run) of one metric."""
+        xs = [m.metrics[key] for m in self.members if key in m.metrics
+              and math.isfinite(m.metrics[key])]
+        if not xs:
+            return None, None
+        return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [m.seed for m in self.members]
+
+
+# ---------------------------------------------------------------------------- finding runs
+def canonical(value: str) -> str:
+    """An override's value in one spelling: `[3,2,1]` and `[3, 2, 1]` match, `0.10` is `0.1`."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str):
+        return parsed
+    return json.dumps(parsed)
+
+
+def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
+    """`["+variant=ce", "seed=1"]` -> {"variant": "ce", "seed": "1"} (add/force prefixes go)."""
+    out: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        if not sep:
+            continue
+        out[key.lstrip("+~")] = canonical(value)
+    return out
+
+
+def _is_member(path: Path) -> bool:
+    return path.is_dir() and ((path / "metrics.json").is_file()
+                              or (path / ".hydra" / "overrides.yaml").is_file())
+
+
+def _members_of(sweep: Path) -> list[Path]:
+    def order(p: Path) -> tuple[int, str]:
+        return (int(p.name), "") if p.name.isdigit() else (sys.maxsize, p.name)
+
+    return sorted((p for p in sweep.iterdir() if _is_member(p)), key=order)
+
+
+def outputs_dir() -> Path:
+    return Path(os.environ.get("FSRE_OUTPUT_DIR", "outputs"))
+
+
+def find_sweep(source: str, outputs: Path | None = None) -> Path:
+    """The sweep folder named by `source` (see the module docstring)."""
+    path = Path(source)
+    if path.is_dir():
+        if _members_of(path):
+            return path
+        sweeps = sorted(p for p in path.iterdir() if p.is_dir() and _members_of(p))
+        if sweeps:
+            return sweeps[-1]  # folder names are start times: the newest sorts last
+        raise ReportError(f"{path}: no sweep members (folders with metrics.json) in it or in "
+                          "its subfolders")
+    outputs = outputs or outputs_dir()
+    root = outputs / "multirun"
+    # `logger=wandb` names a sweep's group <name>-<sweep folder>, the folder a start time.
+    name, _, stamp = source.rpartition("-")
+    while name and not (root / name / stamp).is_dir() and "-" in name:
+        name, _, head = name.rpartition("-")
+        stamp = f"{head}-{stamp}"
+    if name and (root / name / stamp).is_dir():
+        return root / name / stamp
+    for config in sorted(root.glob("*/*/*/config.yaml")):
+        group = (yaml.safe_load(config.read_text()) or {}).get("logger", {}) or {}
+        if (group.get("wandb") or {}).get("group") == source:
+            return config.parent.parent
+    raise ReportError(f"{source!r} is neither a folder nor a wandb group of a sweep under "
+                      f"{root} (pass the sweep folder, or --outputs)")
+
+
+def load_member(path: Path, stage: str = "after") -> Member | None:
+    """A member's metrics and overrides, or None when it has no metrics (failed, running)."""
+    metrics_file = path / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    results = json.loads(metrics_file.read_text())
+    metrics = {k: float(v) for k, v in (results.get(stage) or {}).items()
+               if isinstance(v, int | float)}
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or []
+                                if overrides_file.is_file() else [])
+    config_file = path / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    seed = config.get("seed")
+    return Member(path=path, overrides=overrides, metrics=metrics,
+                  name=str(config.get("name") or path.parent.parent.name),
+                  seed=int(seed) if isinstance(seed, int) else None)
+
+
+# ----------------------------------------------------------------------------- the table
+def swept_keys(members: Sequence[Member]) -> list[str]:
+    """Override keys whose value is not the same in every member, in command-line order."""
+    keys: list[str] = []
+    for m in members:
+        keys += [k for k in m.overrides if k not in keys]
+    return [k for k in keys
+            if len({m.overrides.get(k) for m in members}) > 1]
+
+
+def group_rows(members: Sequence[Member]) -> tuple[list[str], list[Row]]:
+    """Rows keyed by the swept values except the seed, in the order the sweep ran them."""
+    keys = [k for k in swept_keys(members) if k != SEED_KEY]
+    rows: dict[tuple[tuple[str, str], ...], Row] = {}
+    for m in members:
+        values = tuple((k, m.overrides.get(k, "")) for k in keys)
+        rows.setdefault(values, Row(values)).members.append(m)
+    return keys, list(rows.values())
+
+
+def paper_row(experiment: str, row: Row) -> tuple[str, dict[str, float]] | None:
+    """The paper's (label, metrics) for one of our rows, when the paper has it."""
+    if experiment not in PAPER:
+        return None
+    key, rows = PAPER[experiment]
+    values = dict(row.values)
+    if not key:
+        return rows.get("") if not values else None
+    if set(values) - {key} or key not in values:
+        return None  # other keys swept too: the paper's row fixed them at its defaults
+    return rows.get(values[key])
+
+
+def row_label(experiment: str, row: Row) -> str:
+    values = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row.values)
+    paper = paper_row(experiment, row)
+    if paper and values:
+        return f"{paper[0]} ({values})"
+    return (paper[0] if paper else values) or experiment
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(experiment: str, sweep: Path, rows: Sequence[Row], stage: str,
+             missing: Sequence[Path]) -> str:
+    runs = sum(len(r.members) for r in rows)
+    seeds = sorted({s for r in rows for s in r.seeds if s is not None})
+    lines = [f"# {experiment}", "",
+             f"Sweep `{sweep}`: {runs} run(s), seeds {seeds or '-'}; validation metrics "
+             f"`{stage}` training, mean ± sample std over seeds where several ran. Rows "
+             "`paper` are the paper's (KITTI Eigen test, mIoU on KITTI 2015).", ""]
+    if missing:
+        lines += [f"Not finished (no metrics.json): {', '.join(p.name for p in missing)}", ""]
+    lines += ["| row | runs | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
+              "|---|---:|" + "---:|" * len(METRICS)]
+    for row in rows:
+        cells = [_fmt(*row.stats(k)) for k in METRICS]
+        lines.append(f"| {row_label(experiment, row)} | {len(row.members)} | "
+                     + " | ".join(cells) + " |")
+        paper = paper_row(experiment, row)
+        if paper:
+            cells = [f"{paper[1][k]:.3f}" if k in paper[1] else "-" for k in METRICS]
+            lines.append(f"| paper: {paper[0]} | | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, experiment: str, keys: Sequence[str], rows: Sequence[Row]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "source", *keys, "runs", "seeds",
+                         *(f"{k}{suffix}" for k in METRICS for suffix in ("", "_std"))])
+        for row in rows:
+            values = dict(row.values)
+            stats = [x for k in METRICS for x in row.stats(k)]
+            writer.writerow([row_label(experiment, row), "ours", *(values[k] for k in keys),
+                             len(row.members), " ".join(str(s) for s in row.seeds),
+                             *("" if x is None else f"{x:.6g}" for x in stats)])
+            paper = paper_row(experiment, row)
+            if paper:
+                writer.writerow([paper[0], "paper", *(values[k] for k in keys), "", "",
+                                 *(x for k in METRICS for x in (paper[1].get(k, ""), ""))])
+
+
+def bar_chart(path: Path, experiment: str, rows: Sequence[Row]) -> None:
+    """AbsRel per row (error bars: std over seeds) beside the paper's, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    labels = [row_label(experiment, r) for r in rows]
+    ours = [r.stats("abs_rel") for r in rows]
+    paper = [(paper_row(experiment, r) or ("", {}))[1].get("abs_rel") for r in rows]
+    xs = list(range(len(rows)))
+    width = 0.4 if any(p is not None for p in paper) else 0.8
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 2), 4))
+    ax.bar([x - (width / 2 if width < 0.8 else 0) for x in xs],
+           [m if m is not None else math.nan for m, _ in ours], width,
+           yerr=[s or 0.0 for _, s in ours] if any(s for _, s in ours) else None,
+           capsize=3, label="ours")
+    if width < 0.8:
+        ax.bar([x + width / 2 for x in xs], [p if p is not None else math.nan for p in paper],
+               width, color="lightgray", edgecolor="black", label="paper")
+        ax.legend()
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("AbsRel (lower is better)")
+    ax.set_title(experiment)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(sweep: Path, out: Path | None = None, stage: str = "after",
+           png: bool = True) -> dict[str, Any]:
+    """Write report.md, report.csv (and abs_rel.png) for one sweep; returns what it wrote."""
+    paths = _members_of(sweep)
+    loaded = [(p, load_member(p, stage)) for p in paths]
+    members = [m for _, m in loaded if m is not None]
+    missing = [p for p, m in loaded if m is None]
+    if not members:
+        raise ReportError(f"{sweep}: no member has a metrics.json yet")
+    experiment = members[0].name
+    keys, rows = group_rows(members)
+    out = out or sweep
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(experiment, sweep, rows, stage, missing)
+    written = {"markdown": out / "report.md", "csv": out / "report.csv"}
+    written["markdown"].write_text(text)
+    write_csv(written["csv"], experiment, keys, rows)
+    if png:
+        written["png"] = out / "abs_rel.png"
+        bar_chart(written["png"], experiment, rows)
+    return {"text": text, "rows": rows, "keys": keys, "files": written, "missing": missing}

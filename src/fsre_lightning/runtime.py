@@ -1,0 +1,93 @@
+"""What every command shares: the config folder, the exit-code policy, preemption, devices.
+
+The commands (`fsre_lightning.cli`) call into the library; this module is the library side of
+running one: a `UserError` (or a missing file) ends a command with one line on stderr,
+``fsre_lightning.<command>: error: <message>``, and exit status 2 (argparse's status for a
+bad command line, so every command fails alike); a run stopped by SIGTERM exits with 143, as
+a shell reports a process killed by that signal. Every command's `main()` returns its exit
+status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from fsre_lightning.errors import UserError
+
+# The Hydra config groups; FSRE_CONFIG_DIR points the commands at another copy.
+CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+EXIT_USER_ERROR = 2
+# Exit status of a run stopped by SIGTERM (preemption): 128 + SIGTERM, as a shell reports it.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+# Mistakes in the user's config or data: reported as one clear line, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError)
+
+
+class PreemptedError(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; the message says how to resume."""
+
+
+def report_error(command: str, message: object) -> None:
+    """The one line a failed command prints on stderr."""
+    print(f"fsre_lightning.{command}: error: {message}", file=sys.stderr)
+
+
+def run_job(command: str, job: Callable[[Any], Any], cfg: Any) -> int:
+    """Run `job(cfg)` and return the command's exit status (see the module docstring)."""
+    try:
+        job(cfg)
+    except USER_ERRORS as err:
+        report_error(command, err)
+        return EXIT_USER_ERROR
+    except PreemptedError as err:
+        print(f"fsre_lightning.{command}: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except SIGTERMException:
+        # Lightning raises it (a SystemExit with status 0) when SIGTERM arrives during a
+        # validation outside fit: still a preemption, not a success.
+        print(f"fsre_lightning.{command}: preempted (SIGTERM) outside training; the run "
+              "folder's checkpoints/last.ckpt (if any) holds the trained state", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def run_or_exit(command: str, job: Callable[[Any], Any], cfg: Any) -> None:
+    """`run_job` inside a Hydra task, whose return value Hydra drops: a failure exits."""
+    status = run_job(command, job, cfg)
+    if status:
+        sys.exit(status)
+
+
+def call_hydra(task: Callable[[], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a `@hydra.main` task on the command line `argv` (default: sys.argv[1:]) and return
+    its exit status (Hydra reports its own errors, e.g. an unknown override, with status 1)."""
+    saved = sys.argv
+    if argv is not None:
+        sys.argv = [saved[0], *argv]
+    try:
+        task()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(exc.code, file=sys.stderr)
+        return 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

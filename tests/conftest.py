@@ -1,0 +1,46 @@
+"""Fixtures shared by the test modules (the helpers behind them: `fsre_lightning.testing`).
+
+Tiers: tests marked `slow` start subprocesses or train end to end (resume after SIGKILL, DDP,
+sweeps, export, the command lines); `make test-fast` (pytest -m "not slow") is the inner loop,
+`make test` (what CI runs) runs everything.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+
+
+@pytest.fixture
+def compose() -> Callable[..., DictConfig]:
+    """compose(entry, overrides, root=None, hydra=False): `testing.compose_config`."""
+    return compose_config
+
+
+@pytest.fixture
+def tiny_synthetic() -> list[str]:
+    """Overrides for a tiny synthetic world: seconds to generate and to train a step on."""
+    return list(TINY_SYNTHETIC)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a command run in a test: data and runs under tmp_path, no wandb."""
+    return command_env(tmp_path)
+
+
+@pytest.fixture
+def command(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
+    """command(name, args, env=cli_env, timeout=600): `python -m fsre_lightning.<name>`."""
+
+    def _run(name: str, args: Sequence[str], env: dict[str, str] | None = None,
+             **kwargs: object) -> subprocess.CompletedProcess:
+        return run_command(name, args, env or cli_env, **kwargs)
+
+    return _run
