@@ -188,33 +188,59 @@ def _fails_naming(compose: Any, entry: str, overrides: str, key: str) -> None:
     assert key in message, message
     # The value (for a bad value) or the allowed keys (for an unknown key) are named too.
     assert "is not allowed" in message or "allowed keys" in message, message
+    assert "\n" not in message, message  # one line, as the command prints it
+
+
+# The inner loop (make test-fast) runs one type, one range and one unknown-key case of each
+# group; make test runs them all (each case is a Hydra composition, ~0.2 s).
+FAST = {
+    "data.batch_size=two", "data.height=100", "+data.batchsize=4",
+    "model.optimizer.lr=fast", "model.scheduler.milestones=[15,10]", "+model.lr=1e-3",
+    "model.network.num_heads=2.0", "model.network.cma_scales=[5]", "+model.network.heads=2",
+    "model.pose_network.init_translation=[0,1]", "+model.pose_network.layers=18",
+    "loss.sgt_kernel_size=5.0", "loss.sgt_kernel_size=4", "+loss.sgt_weigth=0.2",
+    "trainer.max_steps=10.5", "trainer.precision=fp16", "+trainer.max_step=10",
+    "model/optimizer=adamw +model.optimizer.momentum=0.9", "model.optimizer.fused=yes",
+    "model/scheduler=cosine trainer.max_epochs=null", "++data.synthetic.num_drive=3",
+    "+paths.cache=/tmp", "+callbacks.last_checkpoint.every_n_steps=5", "+foo=1", "seed=abc",
+    "model=monodepth2 loss.segmentation_weight=0.3", "model.frame_ids=[0,-1]",
+    "data=video_folder", "init_weights=a.ckpt ckpt_path=b.ckpt",
+    "height=100", "device=gpu", "+data.split=eigen", "input=???", "format=tflite",
+    "scale_factor=2 camera_height=1.65", "subset=train", "+data.rooot=/data",
+}
+
+
+def _cases(cases: list[tuple[str, str]]) -> list[Any]:
+    return [pytest.param(o, k, marks=() if o in FAST else pytest.mark.slow) for o, k in cases]
 
 
 def test_enough_cases() -> None:
-    assert len(TRAIN_CASES) + len(EVALUATE_CASES) + len(EXPORT_GT_CASES) >= 100
+    every = [o for cases in (TRAIN_CASES, EVALUATE_CASES, PREDICT_CASES, EXPORT_CASES,
+                             EXPORT_GT_CASES) for o, _ in cases]
+    assert len(every) >= 100 and set(every) >= FAST
 
 
-@pytest.mark.parametrize(("overrides", "key"), TRAIN_CASES)
+@pytest.mark.parametrize(("overrides", "key"), _cases(TRAIN_CASES))
 def test_invalid_train_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
     _fails_naming(compose, "train", overrides, key)
 
 
-@pytest.mark.parametrize(("overrides", "key"), EVALUATE_CASES)
+@pytest.mark.parametrize(("overrides", "key"), _cases(EVALUATE_CASES))
 def test_invalid_evaluate_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
     _fails_naming(compose, "evaluate", f"ckpt_path=x.ckpt {overrides}", key)
 
 
-@pytest.mark.parametrize(("overrides", "key"), PREDICT_CASES)
+@pytest.mark.parametrize(("overrides", "key"), _cases(PREDICT_CASES))
 def test_invalid_predict_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
     _fails_naming(compose, "predict", f"ckpt_path=x.ckpt input=in.png {overrides}", key)
 
 
-@pytest.mark.parametrize(("overrides", "key"), EXPORT_CASES)
+@pytest.mark.parametrize(("overrides", "key"), _cases(EXPORT_CASES))
 def test_invalid_export_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
     _fails_naming(compose, "export", f"ckpt_path=x.ckpt {overrides}", key)
 
 
-@pytest.mark.parametrize(("overrides", "key"), EXPORT_GT_CASES)
+@pytest.mark.parametrize(("overrides", "key"), _cases(EXPORT_GT_CASES))
 def test_invalid_export_gt_override_is_rejected(compose: Any, overrides: str, key: str) -> None:
     _fails_naming(compose, "export_gt", overrides, key)
 
