@@ -80,32 +80,33 @@ def validate_config(cfg: DictConfig, entry: str) -> DictConfig:
              "model.optimizer": model.get("optimizer"), "model.scheduler": model.get("scheduler"),
              **{f"{group}.{k}": v for group in ("callbacks", "logger")
                 for k, v in (top.get(group) or {}).items()}}
+    built: dict[str, Any] = {}
     for path, values in nodes.items():
         if not isinstance(values, dict):
             continue
         schema = _schema(path, values)
         if schema is not None:
-            build(schema, values, path)
+            built[path] = build(schema, values, path)
         elif "_target_" in values:
             _check_target_keys(values, path)
-    _cross_group_rules(top)
+    _cross_group_rules(top, built)
     return cfg
 
 
-def _cross_group_rules(top: dict[str, Any]) -> None:
-    data, model, loss = (top.get(k) or {} for k in ("data", "model", "loss"))
+def _cross_group_rules(top: dict[str, Any], built: dict[str, Any]) -> None:
+    """Rules between groups, on their checked dataclasses (defaults filled in)."""
+    data, model, loss = (built.get(k) for k in ("data", "model", "loss"))
     if data and model:
-        raise_unless(model["frame_ids"] == data["frame_ids"],
-                     f"model.frame_ids={model['frame_ids']!r} is not allowed: must equal "
-                     f"data.frame_ids (= {data['frame_ids']!r})")
+        raise_unless(model.frame_ids == data.frame_ids,
+                     f"model.frame_ids={model.frame_ids!r} is not allowed: must equal "
+                     f"data.frame_ids (= {data.frame_ids!r})")
     if model and loss:
-        raise_unless(model["network"]["segmentation"] or not loss["segmentation_weight"],
-                     f"loss.segmentation_weight={loss['segmentation_weight']!r} is not allowed: "
+        raise_unless(model.network.segmentation or not loss.segmentation_weight,
+                     f"loss.segmentation_weight={loss.segmentation_weight!r} is not allowed: "
                      "the model has no segmentation decoder (model.network.segmentation=false):"
                      " use 0")
-        semantic = loss["segmentation_weight"] > 0 or (loss["sgt_weight"] > 0
-                                                        and bool(loss["sgt_scales"]))
-        raise_unless(not (data and semantic and not data["use_labels"]),
+        semantic = loss.segmentation_weight > 0 or (loss.sgt_weight > 0 and bool(loss.sgt_scales))
+        raise_unless(not (data and semantic and not data.use_labels),
                      "data.use_labels=False is not allowed with loss.segmentation_weight > 0 or "
                      "loss.sgt_weight > 0: the semantic losses need pseudo-labels (set "
                      "data.use_labels=true, or train model=monodepth2)")
