@@ -16,8 +16,8 @@ from typing import Any
 
 from fsre_lightning.errors import ConfigError, require
 
-__all__ = ["check_choice", "check_int", "check_number", "check_path", "is_int", "is_number",
-           "raise_unless", "require"]
+__all__ = ["arguments", "check_choice", "check_int", "check_number", "check_path", "is_int",
+           "is_number", "raise_unless", "require"]
 
 
 def is_int(value: Any) -> bool:

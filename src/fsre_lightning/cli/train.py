@@ -9,7 +9,6 @@ metrics.json (validation metrics before, if asked, and after training).
 saves checkpoints/last.ckpt and exits with PREEMPTED_EXIT_CODE and the command to resume.
 """
 
-
 from __future__ import annotations
 
 import inspect

@@ -24,6 +24,7 @@ from fsre_lightning.data.cache import ArrayCache, CachedArray, CacheError, file_
 from fsre_lightning.data.decode import decode_label, decode_rgb
 from fsre_lightning.data.layout import LABEL_FORMATS, SplitEntry, missing_error
 from fsre_lightning.errors import DataError
+from fsre_lightning.rules import check_choice
 
 
 def cache_name(kind: str, split_name: str, height: int, width: int) -> str:
@@ -110,8 +111,7 @@ def build_label_cache(cache_dir: Path, name: str, label_root: Path, keys: Sequen
                       size: tuple[int, int], label_format: str, workers: int = 0,
                       progress: bool = True, on_error: str = "raise") -> CachedArray:
     """The uint8 N x H x W train-id cache of label PNGs; a None path is a void row."""
-    if label_format not in LABEL_FORMATS:
-        raise ValueError(f"label format {label_format!r}: use one of {LABEL_FORMATS}")
+    check_choice("label_format", label_format, LABEL_FORMATS)
     present = [p for p in label_paths if p is not None]
     missing = [k for k, p in zip(keys, label_paths, strict=True) if p is None]
     fields = {"kind": "labels", "source": "files", "label_root": str(Path(label_root).resolve()),

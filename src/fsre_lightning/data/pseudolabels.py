@@ -35,7 +35,6 @@ from fsre_lightning.data.cache import ArrayCache, CachedArray, file_signature
 from fsre_lightning.data.decode import read_rgb
 from fsre_lightning.data.kitti_cache import build_label_cache, cache_name, frame_key, unique_rows
 from fsre_lightning.data.layout import (
-    LABEL_FORMATS,
     find_image,
     label_path,
     missing_error,
@@ -70,8 +69,6 @@ def import_labels(
     progress: bool = True,
 ) -> CachedArray:
     """The data module's label cache (label_source=files) of one split, from label PNGs."""
-    if label_format not in LABEL_FORMATS:
-        raise ValueError(f"--label-format {label_format!r}: use one of {LABEL_FORMATS}")
     root = Path(root)
     label_root = Path(label_root) if label_root else root / "segmentation"
     entries = read_split(split_file)
