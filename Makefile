@@ -4,17 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint demo clean constraints
 
 install: $(STAMP)
 
-# torch/torchvision are pinned to the builds that lie on this machine's disk (CUDA builds that
-# also run on CPU); pip resolves the rest from the registry.
-$(STAMP): pyproject.toml
+# Every version pinned by constraints.txt (torch/torchvision: the builds that lie on this
+# machine's disk, CUDA builds that also run on CPU); pyproject.toml keeps minimum versions only.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # Everything, subprocess and end-to-end tests included (what CI runs).
@@ -31,6 +30,11 @@ lint: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# After upgrading packages in .venv on purpose: record the versions make install pins.
+constraints: install
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^fsre'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # A short training run on the built-in synthetic scenes; extra Hydra overrides via ARGS="...".
 demo: install

@@ -7,6 +7,7 @@ sweeps, export, the command lines); `make test-fast` (pytest -m "not slow") is t
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,10 @@ import pytest
 from omegaconf import DictConfig
 
 from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+
+# Tests never download: the Hugging Face hub is offline for the suite and every command it
+# starts (a download test mocks the hub).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture

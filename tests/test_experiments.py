@@ -252,7 +252,8 @@ def test_ablation_h_smoke_sweep_runs_three_members_logs_wandb_and_reports(
         tmp_path: Path) -> None:
     env = command_env(tmp_path, WANDB_MODE="offline")
     start = time.time()
-    result = _train(["+experiment=[ablation_h,smoke]", "--multirun"], env)
+    # No --multirun: a table is a sweep by itself.
+    result = _train(["+experiment=[ablation_h,smoke]"], env)
     assert result.returncode == 0, result.stderr[-4000:]
     elapsed = time.time() - start
     (sweep,) = (tmp_path / "outputs" / "multirun" / "ablation_h").iterdir()

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -440,30 +441,80 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
     with pytest.raises(PretrainedWeightsNotFound, match=r"nope\.pth") as info:
         FSRENetwork(pretrained=True, weights_path=missing)
-    assert "pretrained=False" in str(info.value)
+    assert "pretrained=false" in str(info.value)
     with pytest.raises(PretrainedWeightsNotFound):
         PoseNetwork(pretrained=True, weights_path=missing)
 
 
-def _empty_caches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def _empty_caches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                  download: Any = None) -> Path:
+    """Empty HF and torch hub caches, the hub "online", and `download` in place of
+    huggingface_hub.hf_hub_download (by default one that fails the test: nothing downloads)."""
+    import huggingface_hub
     from huggingface_hub import constants
+
+    def forbidden(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError(f"a test tried to download {args}")
 
     hf_cache = tmp_path / "hf"
     hf_cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download or forbidden)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hf_cache
 
 
-def test_no_cached_weights_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
-    hf_cache = _empty_caches(monkeypatch, tmp_path)
+def test_no_weights_and_no_network_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
+    tried: list[tuple[str, str]] = []
+
+    def no_network(repo_id: str, filename: str, **kwargs: Any) -> str:
+        tried.append((repo_id, filename))
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    hf_cache = _empty_caches(monkeypatch, tmp_path, no_network)
     with pytest.raises(PretrainedWeightsNotFound) as info:
         build_encoder("resnet18", pretrained=True)
     message = str(info.value)
-    assert "timm/resnet18" in message and str(hf_cache) in message
-    assert "weights_path" in message and "pretrained=False" in message
+    assert tried and tried[0][0].startswith("timm/resnet18")
+    assert f"{tried[0][0]}/{tried[0][1]}" in message and "ConnectionError" in message
+    assert str(hf_cache) in message
+    assert "weights_path" in message and "pretrained=false" in message
     assert "HF_HUB_OFFLINE" not in os.environ  # the probe restores the environment
+
+
+def test_offline_hub_is_not_asked(monkeypatch, tmp_path: Path) -> None:
+    _empty_caches(monkeypatch, tmp_path)  # a download would fail the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsNotFound, match="HF_HUB_OFFLINE is set"):
+        build_encoder("resnet18", pretrained=True)
+
+
+def test_pretrained_true_downloads_into_the_hub_cache(monkeypatch, tmp_path: Path,
+                                                      random_resnet18_checkpoint) -> None:
+    """Online and not cached: the hub downloads the file (mocked here), as timm would."""
+    from safetensors.torch import save_file
+
+    _, saved = random_resnet18_checkpoint
+    downloaded = tmp_path / "downloaded.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(downloaded))
+    asked: list[tuple[str, str]] = []
+
+    def hub(repo_id: str, filename: str, **kwargs: Any) -> str:
+        asked.append((repo_id, filename))
+        return str(downloaded)
+
+    _empty_caches(monkeypatch, tmp_path, hub)
+    encoder = build_encoder("resnet18.a1_in1k", pretrained=True)
+    assert asked == [("timm/resnet18.a1_in1k", "model.safetensors")]
+    _assert_loaded(encoder.model.state_dict(), saved)
+
+
+def test_pretrained_auto_never_downloads(monkeypatch, tmp_path: Path, caplog) -> None:
+    _empty_caches(monkeypatch, tmp_path)  # a download would fail the test
+    with caplog.at_level("WARNING"):
+        build_encoder("resnet18", pretrained="auto")
+    assert "random initialisation" in caplog.text
 
 
 def test_weights_found_in_hf_cache(monkeypatch, tmp_path: Path, random_resnet18_checkpoint) -> None:

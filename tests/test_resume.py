@@ -329,13 +329,14 @@ def test_per_sample_draws_are_distinct_and_independent_of_workers() -> None:
     assert len(set(draws.tolist())) == draws.numel()
 
 
-def test_slurm_jobs_get_lightnings_auto_requeue(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_fabric.plugins.environments import SLURMEnvironment
-
+def test_slurm_is_left_to_lightnings_own_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No forced SLURMEnvironment: Lightning picks it for batch jobs (auto-requeue on SIGUSR1
+    included) and leaves interactive allocations alone, where a forced one breaks."""
     from fsre_lightning.cli.train import trainer_plugins
 
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]
-    monkeypatch.setenv("SLURM_JOB_ID", "123")
-    slurm = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
-    assert len(slurm) == 1 and slurm[0].requeue_signal == signal.SIGUSR1
+    for job_id in (None, "123"):
+        if job_id is None:
+            monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        else:
+            monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]

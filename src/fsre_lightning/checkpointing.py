@@ -5,6 +5,8 @@
   `last.ckpt` (the previous one stays, complete).
 * `find_last_checkpoint` resolves `ckpt_path=last`: the newest `checkpoints/last.ckpt` of the
   run folders of one experiment name.
+* `training_data_entry` is what a checkpoint says about the data it was trained on (input
+  size, camera, frame ids, class names), so evaluate, predict and export need the file alone.
 * `check_state_dict_compatible` compares a checkpoint's weights with a model before training
   starts and names every missing, unexpected and shape-mismatched key.
 """
@@ -15,19 +17,37 @@ import os
 import pickle
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from fsre_lightning.cityscapes import CLASS_NAMES
 from fsre_lightning.errors import UserError
 
 # How many keys of each kind an error message lists before it says "... and N more".
 MAX_KEYS_SHOWN = 8
-# A checkpoint entry beside Lightning's: the network input (height, width) it was trained at.
+# Checkpoint entries beside Lightning's. TRAINING_DATA_KEY: `training_data_entry`. INPUT_SIZE_KEY:
+# the (height, width) alone, as checkpoints imported from a release before TRAINING_DATA_KEY
+# existed hold it. WANDB_RUN_KEY: the wandb run a resumed run continues.
+TRAINING_DATA_KEY = "training_data"
 INPUT_SIZE_KEY = "input_size"
+WANDB_RUN_KEY = "wandb_run_id"
+
+
+def training_data_entry(height: int, width: int, intrinsics: Sequence[float],
+                        frame_ids: Sequence[int], segmentation: bool) -> dict[str, Any]:
+    """The description of a model's training data stored in its checkpoints: network input
+    size, normalised intrinsics (fx, fy, cx, cy), frame ids and, with a segmentation decoder,
+    the names of its classes (plain types: weights-only loading reads them)."""
+    return {
+        INPUT_SIZE_KEY: [int(height), int(width)],
+        "intrinsics": [float(v) for v in intrinsics],
+        "frame_ids": [int(f) for f in frame_ids],
+        "class_names": list(CLASS_NAMES) if segmentation else [],
+    }
 
 
 class CheckpointMismatchError(UserError, ValueError):

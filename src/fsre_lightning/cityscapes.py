@@ -17,6 +17,12 @@ VOID = 255
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN,
  SKY, PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(NUM_CLASSES)
 
+# Train id -> class name, as the benchmark names them.
+CLASS_NAMES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle")
+
 # What a vehicle camera sees as flat ground (the camera-height scale fits a plane to these).
 GROUND_CLASSES = (ROAD, SIDEWALK, TERRAIN)
 

@@ -5,12 +5,17 @@ the weights a fine-tuning run starts from.
 resolution it was trained at (`training_resolution`); `predict` back-projects with the
 training intrinsics (`training_intrinsics`); `train init_weights=...` copies weights from a
 checkpoint or a published release folder (`load_initial_weights`).
+
+A checkpoint describes its own training data (`training_data`, written by every save of a
+training run), so the file alone is enough wherever it is copied; a checkpoint written before
+that entry existed falls back to its run folder's config.yaml, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +26,7 @@ from omegaconf import OmegaConf
 
 from fsre_lightning.checkpointing import (
     INPUT_SIZE_KEY,
+    TRAINING_DATA_KEY,
     CheckpointMismatchError,
     check_state_dict_compatible,
     load_checkpoint_weights_only,
@@ -39,6 +45,8 @@ from fsre_lightning.reference.keys import (
 )
 from fsre_lightning.reference.layout import ReleaseFormatError
 from fsre_lightning.reference.load import load_reference_release
+
+log = logging.getLogger(__name__)
 
 
 def load_module(ckpt_path: str | os.PathLike[str], device: torch.device) -> FSREModule:
@@ -76,27 +84,38 @@ def load_module(ckpt_path: str | os.PathLike[str], device: torch.device) -> FSRE
     return module.to(device).eval()
 
 
+def training_data(ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the checkpoint says about its training data (`training_data_entry`); a checkpoint
+    imported from a release before that entry existed gives its `input_size` alone, an older
+    or unreadable one {} (`load_module` reports an unreadable file with its own message)."""
+    try:
+        checkpoint = load_checkpoint_weights_only(ckpt_path)
+    except (OSError, ValueError):  # missing or unreadable (CheckpointMismatchError)
+        return {}
+    entry = checkpoint.get(TRAINING_DATA_KEY)
+    if isinstance(entry, dict):
+        return dict(entry)
+    size = checkpoint.get(INPUT_SIZE_KEY)
+    return {INPUT_SIZE_KEY: list(size)} if isinstance(size, list | tuple) else {}
+
+
+_warned_legacy: set[Path] = set()
+
+
 def run_config_value(ckpt_path: str | os.PathLike[str], key: str) -> Any:
-    """`key` of the training run's config.yaml (the run folder holds checkpoints/), or None."""
+    """`key` of the config.yaml of the run folder holding the checkpoint, or None: where a
+    checkpoint written before checkpoints described their training data finds it (warns)."""
     run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
     if not run_config.is_file():
         return None
+    if run_config not in _warned_legacy:
+        _warned_legacy.add(run_config)
+        log.warning("%s does not describe its training data (written by an older version): "
+                    "reading the training settings from %s; `python -m fsre_lightning.train "
+                    "ckpt_path=...` of a newer version writes checkpoints that stand alone",
+                    ckpt_path, run_config)
     value = OmegaConf.select(OmegaConf.load(run_config), key)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
-def checkpoint_input_size(ckpt_path: str | os.PathLike[str]) -> tuple[int | None, int | None]:
-    """(height, width) stored as `input_size` in a checkpoint, or (None, None).
-
-    An unreadable file also gives (None, None): `load_module` reports it with its own message.
-    """
-    try:
-        size = load_checkpoint_weights_only(ckpt_path).get(INPUT_SIZE_KEY)
-    except (OSError, ValueError):  # missing or unreadable (CheckpointMismatchError)
-        return None, None
-    if isinstance(size, list | tuple) and len(size) == 2:
-        return size[0], size[1]
-    return None, None
 
 
 def training_resolution(ckpt_path: str | os.PathLike[str], height: int | None = None,
@@ -105,26 +124,28 @@ def training_resolution(ckpt_path: str | os.PathLike[str], height: int | None = 
                         ) -> tuple[int, int, str]:
     """(height, width, where they came from) of the network input.
 
-    In order: `height`/`width` as given; data.height/width of the training run's config.yaml;
-    the checkpoint's `input_size` (an imported release's); `fallback`. A network evaluated at
-    another size than it was trained at scores worse.
+    In order: `height`/`width` as given; the checkpoint's own record (`training_data`, or an
+    imported release's `input_size`); for older checkpoints data.height/width of the training
+    run's config.yaml; `fallback`. A network evaluated at another size than it was trained at
+    scores worse.
     """
     if (height is None) != (width is None):
         raise ConfigError(f"height={height!r}, width={width!r}: set both or neither")
     source = "height/width"
     if height is None:
+        size = training_data(ckpt_path).get(INPUT_SIZE_KEY)
+        if isinstance(size, list) and len(size) == 2:
+            (height, width), source = size, f"{ckpt_path} (its training input size)"
+    if height is None or width is None:
         height, width = run_config_value(ckpt_path, "data.height"), run_config_value(
             ckpt_path, "data.width")
         source = f"the training run's {Path(ckpt_path).resolve().parent.parent / 'config.yaml'}"
-    if height is None or width is None:
-        height, width = checkpoint_input_size(ckpt_path)
-        source = f"{ckpt_path}'s input_size (an imported release's training size)"
     if (height is None or width is None) and fallback is not None:
         (height, width), source = fallback, "data.height/data.width"
     if height is None or width is None:
-        raise ConfigError(f"{ckpt_path}: its training resolution is unknown (no config.yaml in "
-                          "its run folder, no input_size in the checkpoint): set height= and "
-                          "width= (the training resolution)")
+        raise ConfigError(f"{ckpt_path}: its training resolution is unknown (an older checkpoint "
+                          "without its run folder's config.yaml): set height= and width= (the "
+                          "training resolution)")
     for key, value in (("height", height), ("width", width)):
         try:
             check_image_size(key, value)
@@ -135,10 +156,14 @@ def training_resolution(ckpt_path: str | os.PathLike[str], height: int | None = 
 
 def training_intrinsics(ckpt_path: str | os.PathLike[str], given: Sequence[float] | None
                         ) -> tuple[float, float, float, float]:
-    """Normalised (fx, fy, cx, cy): `given`, else the training run's data.intrinsics, else
-    KITTI's."""
+    """Normalised (fx, fy, cx, cy): `given`, else the checkpoint's record, else (older
+    checkpoints) the training run's data.intrinsics, else KITTI's."""
     if given is not None:
         fx, fy, cx, cy = (float(v) for v in given)
+        return fx, fy, cx, cy
+    recorded = training_data(ckpt_path).get("intrinsics")
+    if isinstance(recorded, list) and len(recorded) == 4:
+        fx, fy, cx, cy = (float(v) for v in recorded)
         return fx, fy, cx, cy
     saved = run_config_value(ckpt_path, "data.intrinsics")
     if not isinstance(saved, list):

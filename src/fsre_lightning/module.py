@@ -293,6 +293,16 @@ class FSREModule(pl.LightningModule):
         self.val_miou.reset()
 
     # -------------------------------------------------------------- optimiser
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The saved weights replace any ImageNet initialisation: rebuilding this module from the
+        # checkpoint (load_from_checkpoint) must not look for that file. The run's config.yaml
+        # keeps the setting the run was started with.
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            for key in ("network", "pose_network"):
+                if isinstance(hparams.get(key), Mapping):
+                    hparams[key] = {**hparams[key], "pretrained": False, "weights_path": None}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resume (Trainer.fit(ckpt_path)) and load_from_checkpoint both pass here before the
         # weights are copied: a checkpoint of another architecture fails naming the keys.

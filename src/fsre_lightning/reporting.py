@@ -5,7 +5,8 @@ Collects every member's `metrics.json` (the validation metrics after training) a
 seven depth metrics and mIoU, mean and spread (sample standard deviation) over seeds when
 several seeds ran. Writes `report.md`, `report.csv` and `abs_rel.png` into the sweep folder
 (or `--out`), prints the Markdown, and puts the paper's published row (its Tables 1 and 2) under
-each of ours where the paper has one.
+each of ours where the paper has one. Members that failed (their `failed.json`) are listed with
+the error and the command that reruns each; members without either file as not finished.
 
 The source is a sweep folder (`outputs/multirun/<name>/<time>`), an experiment's folder of
 sweeps (`outputs/multirun/<name>`: its newest sweep), or a wandb group (`<name>-<time>`, as
@@ -30,6 +31,7 @@ import yaml
 
 from fsre_lightning.errors import UserError
 from fsre_lightning.metrics import REPORTED_METRICS
+from fsre_lightning.sweep import FAILURE_FILE, read_failure
 
 METRICS = REPORTED_METRICS
 HEADERS: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",
@@ -145,8 +147,8 @@ def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
 
 
 def _is_member(path: Path) -> bool:
-    return path.is_dir() and ((path / "metrics.json").is_file()
-                              or (path / ".hydra" / "overrides.yaml").is_file())
+    return path.is_dir() and any((path / name).is_file() for name in (
+        "metrics.json", FAILURE_FILE, ".hydra/overrides.yaml"))
 
 
 def _members_of(sweep: Path) -> list[Path]:
@@ -254,14 +256,27 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
+def failure_lines(failed: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """One Markdown line per failed member: its values, the error and the command to rerun."""
+    lines = [f"Failed ({len(failed)}):"]
+    for path, record in failed:
+        values = " ".join(o for o in record.get("overrides", []) if not o.startswith("hydra"))
+        lines.append(f"- member {path.name} ({values or 'defaults'}): {record.get('type')}: "
+                     f"{record.get('error')}; rerun: `{record.get('rerun', '')}`")
+    return [*lines, ""]
+
+
 def markdown(experiment: str, sweep: Path, rows: Sequence[Row], stage: str,
-             missing: Sequence[Path]) -> str:
+             missing: Sequence[Path],
+             failed: Sequence[tuple[Path, dict[str, Any]]] = ()) -> str:
     runs = sum(len(r.members) for r in rows)
     seeds = sorted({s for r in rows for s in r.seeds if s is not None})
     lines = [f"# {experiment}", "",
              f"Sweep `{sweep}`: {runs} run(s), seeds {seeds or '-'}; validation metrics "
              f"`{stage}` training, mean ± sample std over seeds where several ran. Rows "
              "`paper` are the paper's (KITTI Eigen test, mIoU on KITTI 2015).", ""]
+    if failed:
+        lines += failure_lines(failed)
     if missing:
         lines += [f"Not finished (no metrics.json): {', '.join(p.name for p in missing)}", ""]
     lines += ["| row | runs | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
@@ -330,18 +345,22 @@ def report(sweep: Path, out: Path | None = None, stage: str = "after",
     paths = _members_of(sweep)
     loaded = [(p, load_member(p, stage)) for p in paths]
     members = [m for _, m in loaded if m is not None]
-    missing = [p for p, m in loaded if m is None]
+    failed = [(p, record) for p, m in loaded if m is None and (record := read_failure(p))]
+    missing = [p for p, m in loaded if m is None and read_failure(p) is None]
     if not members:
-        raise ReportError(f"{sweep}: no member has a metrics.json yet")
+        reasons = "".join(f"\n  {line}" for line in failure_lines(failed)[1:-1])
+        raise ReportError(f"{sweep}: no member has a metrics.json yet"
+                          + (f"; {len(failed)} failed:{reasons}" if failed else ""))
     experiment = members[0].name
     keys, rows = group_rows(members)
     out = out or sweep
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(experiment, sweep, rows, stage, missing)
+    text = markdown(experiment, sweep, rows, stage, missing, failed)
     written = {"markdown": out / "report.md", "csv": out / "report.csv"}
     written["markdown"].write_text(text)
     write_csv(written["csv"], experiment, keys, rows)
     if png:
         written["png"] = out / "abs_rel.png"
         bar_chart(written["png"], experiment, rows)
-    return {"text": text, "rows": rows, "keys": keys, "files": written, "missing": missing}
+    return {"text": text, "rows": rows, "keys": keys, "files": written, "missing": missing,
+            "failed": [p for p, _ in failed]}

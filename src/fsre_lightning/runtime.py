@@ -11,6 +11,7 @@ status.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,19 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fsre_lightning.errors import UserError
 
-# The Hydra config groups; FSRE_CONFIG_DIR points the commands at another copy.
-CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().parents[2] / "conf"))
+# The Hydra config groups ship inside the package, so an installed wheel finds them; users add
+# their own groups with --config-dir or hydra.searchpath, or replace them all by
+# FSRE_CONFIG_DIR.
+CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().parent / "conf"))
 
 EXIT_USER_ERROR = 2
+# Exit status of a sweep that finished with failed members (each recorded in its folder).
+EXIT_SWEEP_FAILED = 1
 # Exit status of a run stopped by SIGTERM (preemption): 128 + SIGTERM, as a shell reports it.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 # Mistakes in the user's config or data: reported as one clear line, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError)
+
+
+# `${fsre_run_id:}`: a random tag after the start time in run and sweep folder names, so two
+# runs started in the same second (a job array, two terminals) never share a folder. Cached per
+# config, and Hydra copies that cache to every member of a sweep: one config, one tag.
+OmegaConf.register_new_resolver("fsre_run_id", lambda: secrets.token_hex(3), use_cache=True,
+                                replace=True)
 
 
 class PreemptedError(Exception):
@@ -42,22 +55,32 @@ def report_error(command: str, message: object) -> None:
     print(f"fsre_lightning.{command}: error: {message}", file=sys.stderr)
 
 
-def run_job(command: str, job: Callable[[Any], Any], cfg: Any) -> int:
-    """Run `job(cfg)` and return the command's exit status (see the module docstring)."""
-    try:
-        job(cfg)
-    except USER_ERRORS as err:
+def exit_status(command: str, err: BaseException) -> int | None:
+    """The exit status of a command that stopped on `err`, after printing its message; None
+    for an error that is not the user's nor a preemption (a bug: its traceback is due)."""
+    if isinstance(err, USER_ERRORS):
         report_error(command, err)
         return EXIT_USER_ERROR
-    except PreemptedError as err:
+    if isinstance(err, PreemptedError):
         print(f"fsre_lightning.{command}: {err}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except SIGTERMException:
+    if isinstance(err, SIGTERMException):
         # Lightning raises it (a SystemExit with status 0) when SIGTERM arrives during a
         # validation outside fit: still a preemption, not a success.
         print(f"fsre_lightning.{command}: preempted (SIGTERM) outside training; the run "
               "folder's checkpoints/last.ckpt (if any) holds the trained state", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    return None
+
+
+def run_job(command: str, job: Callable[[Any], Any], cfg: Any) -> int:
+    """Run `job(cfg)` and return the command's exit status (see the module docstring)."""
+    try:
+        job(cfg)
+    except (*USER_ERRORS, PreemptedError, SIGTERMException) as err:
+        status = exit_status(command, err)
+        assert status is not None
+        return status
     return 0
 
 

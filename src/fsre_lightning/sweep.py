@@ -2,6 +2,9 @@
 
 - `run_group`: the wandb group of a run (resolver `fsre_run_group`): the run's name alone, or
   name and sweep time for every member of one `--multirun`, so a sweep is one group.
+- `run_member`: one member of a sweep; a failure is written into its folder (`failed.json`)
+  and the sweep goes on. `SweepOutcome`, a Hydra callback, lists the failed members at the end
+  with the command that reruns each, and the command then exits non-zero.
 - `WandbSyncHint`: a Hydra callback printing the one `wandb sync` command of a whole sweep.
 - `per_process_batch`, `effective_batch_split`: the per-process batch that keeps
   `effective_batch_size` on any number of devices and nodes.
@@ -12,9 +15,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import shlex
 import sys
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,11 @@ def _is_multirun(hydra_cfg: Any) -> bool:
     from hydra.types import RunMode
 
     return hydra_cfg is not None and hydra_cfg.get("mode") == RunMode.MULTIRUN
+
+
+def is_sweep_member() -> bool:
+    """Whether the running Hydra job is one member of a multirun."""
+    return _is_multirun(_hydra_config())
 
 
 def run_group(name: str) -> str:
@@ -80,6 +92,112 @@ class WandbSyncHint(_HydraCallback):
         if command:
             print(f"wandb runs of this sweep saved offline; to upload them all:\n  {command}")
         print(f"result table: python -m fsre_lightning.report {sweep_dir}")
+
+
+# ------------------------------------------------------------------ members that fail
+# Written into a member's folder when it fails: what went wrong and how to rerun it.
+FAILURE_FILE = "failed.json"
+
+# The failed members of the last sweep of this process (SweepOutcome fills it at the end).
+failed_members: list[dict[str, Any]] = []
+
+
+def rerun_command(command: str, overrides: list[str]) -> str:
+    """The shell line that runs one member again (a one-member sweep, so an experiment in
+    MULTIRUN mode does not start all its rows again)."""
+    return shlex.join([f"fsre-{command.replace('_', '-')}", "--multirun", *overrides])
+
+
+def record_failure(run_dir: str | Path, command: str, err: BaseException) -> dict[str, Any]:
+    """Write `failed.json` into a member's folder (error, its type, overrides, traceback, the
+    command that reruns it) and return what was written."""
+    hydra_cfg = _hydra_config()
+    overrides: list[str] = []
+    if hydra_cfg is not None:
+        # The user's launcher and sweeper choices (hydra/launcher=slurm ...) and the member's
+        # own values; Hydra's internal keys are not part of a command line.
+        overrides = [o for o in hydra_cfg.overrides.hydra if not str(o).startswith("hydra.mode")]
+        overrides += list(hydra_cfg.overrides.task)
+    record = {
+        "command": command,
+        "error": str(err).splitlines()[0] if str(err) else type(err).__name__,
+        "type": type(err).__name__,
+        "overrides": [str(o) for o in overrides],
+        "rerun": rerun_command(command, [str(o) for o in overrides]),
+        "traceback": "".join(traceback.format_exception(err)),
+    }
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILURE_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def read_failure(member_dir: str | Path) -> dict[str, Any] | None:
+    """A member's failure record, or None when it did not fail."""
+    path = Path(member_dir) / FAILURE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"error": f"unreadable {path}", "type": "unknown", "rerun": ""}
+    return record if isinstance(record, dict) else None
+
+
+def close_open_wandb_run(exit_code: int = 1) -> None:
+    """Finish a wandb run left open by a failure, so the next member starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def run_member(command: str, job: Callable[[Any], Any], cfg: Any, run_dir: str | Path
+               ) -> Any:
+    """Run one sweep member; a failure of any kind is recorded and gives NaN (what Optuna
+    counts as a failed trial), so the other members still run.
+
+    Ctrl-C and preemption are not failures of a member: they stop the whole sweep, with the
+    exit status a single run has.
+    """
+    from fsre_lightning.runtime import PREEMPTED_EXIT_CODE, exit_status
+
+    try:
+        return job(cfg)
+    except (Exception, SystemExit) as err:
+        status = exit_status(command, err)  # prints the one line of a user error
+        if status == PREEMPTED_EXIT_CODE:
+            sys.exit(status)
+        if status is None:
+            log.exception("sweep member %s crashed", Path(run_dir).name)
+        record = record_failure(run_dir, command, err)
+        log.error("sweep member %s failed (%s: %s); recorded in %s, the sweep goes on",
+                  Path(run_dir).name, record["type"], record["error"],
+                  Path(run_dir) / FAILURE_FILE)
+        close_open_wandb_run()
+        return math.nan
+
+
+class SweepOutcome(_HydraCallback):
+    """At the end of a multirun, list the failed members and how to rerun each of them."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        failed_members.clear()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        members = sorted((p for p in sweep_dir.iterdir() if p.is_dir()),
+                         key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit()
+                                        else 0, p.name)) if sweep_dir.is_dir() else []
+        failed_members[:] = [{"member": str(p), **record} for p in members
+                             if (record := read_failure(p)) is not None]
+        if not failed_members:
+            return
+        print(f"{len(failed_members)} of {len(members)} sweep member(s) failed "
+              f"({', '.join(Path(r['member']).name for r in failed_members)}); rerun only those:",
+              file=sys.stderr)
+        for record in failed_members:
+            print(f"  member {Path(record['member']).name}: {record['type']}: "
+                  f"{record['error']}\n    {record['rerun']}", file=sys.stderr)
 
 
 def world_size(devices: Any, num_nodes: Any = 1) -> int | None:
@@ -140,8 +258,11 @@ def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:
     command = [sys.executable, "-m", spec.name] if spec is not None else [
         sys.executable, str(Path(sys.argv[0]).resolve())]
     output_dir = str(hydra_cfg.runtime.output_dir).replace("\\", "/").replace('"', '\\"')
+    # hydra.mode=RUN: an experiment that is a sweep by itself (mode: MULTIRUN) must not start
+    # its sweep again in every rank.
     command += [*hydra_cfg.overrides.task, f'hydra.run.dir="{output_dir}"',
-                f"hydra.job.name=ddp_rank_{local_rank}", "hydra.output_subdir=null"]
+                f"hydra.job.name=ddp_rank_{local_rank}", "hydra.output_subdir=null",
+                "hydra.mode=RUN"]
     return command, get_original_cwd()
 
 

@@ -7,7 +7,7 @@
 
 `input` is an image, a folder of images (sorted by name, not recursive) or a video file (read
 with imageio + imageio-ffmpeg: `pip install 'fsre-lightning[video]'`). The network runs at the
-training resolution (the run's config.yaml, or height/width); `resolution=input` resizes the
+training resolution (recorded in the checkpoint, or height/width); `resolution=input` resizes the
 outputs back to each input's size (disparity bilinearly, segmentation logits bilinearly before
 the argmax), `resolution=network` keeps the network's. Per image NAME, in `output`:
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-import signal
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from fsre_lightning.callbacks import CheckpointOnInterrupt, RNGStateCheckpoint
+from fsre_lightning.callbacks import CheckpointOnInterrupt, DescribeTraining, RNGStateCheckpoint
 from fsre_lightning.checkpointing import (
+    WANDB_RUN_KEY,
     AtomicCheckpointIO,
     check_state_dict_compatible,
     find_last_checkpoint,
@@ -39,9 +39,22 @@ from fsre_lightning.checkpointing import (
 from fsre_lightning.config import validate_config
 from fsre_lightning.loading import load_initial_weights
 from fsre_lightning.metrics import REPORTED_METRICS
-from fsre_lightning.module import metric_summary
-from fsre_lightning.runtime import CONFIG_DIR, PreemptedError, call_hydra, run_or_exit
-from fsre_lightning.sweep import effective_batch_split, install_ddp_launcher_fix
+from fsre_lightning.module import FSREModule, metric_summary
+from fsre_lightning.runtime import (
+    CONFIG_DIR,
+    EXIT_SWEEP_FAILED,
+    PreemptedError,
+    call_hydra,
+    run_or_exit,
+)
+from fsre_lightning.sweep import (
+    close_open_wandb_run,
+    effective_batch_split,
+    failed_members,
+    install_ddp_launcher_fix,
+    is_sweep_member,
+    run_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +91,8 @@ def print_metrics(results: Mapping[str, Mapping[str, float]], title: str) -> Non
 def print_wandb_sync_hint(trainer: pl.Trainer) -> None:
     """Offline wandb runs are only useful once synced: say how, at the end of every run."""
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_offline", False):
+        if type(logger).__name__ == "WandbLogger" and getattr(logger.experiment, "offline",
+                                                              False):
             run_path = Path(logger.experiment.dir).parent
             Console().print(f"wandb run saved offline; to upload it: [bold]wandb sync {run_path}")
 
@@ -105,15 +119,39 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
 
 
 def trainer_plugins() -> list[Any]:
-    """Atomic checkpoint writes always; SLURM auto-requeue on SIGUSR1 inside a SLURM job."""
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if os.environ.get("SLURM_JOB_ID"):
-        from lightning_fabric.plugins.environments import SLURMEnvironment
+    """Atomic checkpoint writes. The cluster environment is Lightning's own choice: it detects a
+    SLURM batch job (and its auto-requeue on SIGUSR1, `sbatch --signal=USR1@90`) and leaves an
+    interactive allocation (`salloc`, `srun --pty bash`) alone."""
+    return [AtomicCheckpointIO()]
 
-        # `sbatch --signal=USR1@90`: Lightning saves an hpc checkpoint and requeues the job;
-        # SLURM's SIGTERM that follows makes CheckpointOnInterrupt write last.ckpt.
-        plugins.append(SLURMEnvironment(requeue_signal=signal.SIGUSR1))
-    return plugins
+
+def build_module(cfg: DictConfig, initialised: bool) -> FSREModule:
+    """The LightningModule of `cfg.model`. `initialised`: its weights come from a checkpoint
+    (resume, init_weights), so ImageNet weights are neither looked for nor downloaded."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model, dict)
+    if initialised:
+        for key in ("network", "pose_network"):
+            model[key] = {**model[key], "pretrained": False, "weights_path": None}
+    return hydra.utils.instantiate(
+        model, loss=cfg.loss, eval_crop=cfg.data.eval_crop, min_depth_eval=cfg.data.min_depth_eval,
+        max_depth_eval=cfg.data.max_depth_eval, _recursive_=False)
+
+
+def continue_wandb_run(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None:
+    """A resumed run logs into the wandb run of the checkpoint (same id), not a new one."""
+    run_id = checkpoint.get(WANDB_RUN_KEY)
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if run_id and wandb_cfg and wandb_cfg.get("id") is None:
+        with open_dict(wandb_cfg):
+            wandb_cfg.id = str(run_id)
+        log.info("continuing wandb run %s", run_id)
+
+
+def monitored_value(results: Mapping[str, Any]) -> float:
+    """The value the checkpoint callback monitors (validation AbsRel, or the validation loss
+    without ground truth) after training: what a sweeper such as Optuna minimises."""
+    return float((results.get("monitor") or {}).get("value", math.nan))
 
 
 def apply_effective_batch(cfg: DictConfig) -> None:
@@ -161,37 +199,55 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    # Find missing files and bad splits now, not an hour into the first epoch.
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    choose_monitor(cfg, datamodule)
-
-    module = hydra.utils.instantiate(
-        cfg.model, loss=cfg.loss, eval_crop=cfg.data.eval_crop,
-        min_depth_eval=cfg.data.min_depth_eval, max_depth_eval=cfg.data.max_depth_eval,
-        _recursive_=False)
+    # The networks before the data: an unknown encoder or missing ImageNet weights stop the run
+    # before a cache build that can take an hour on KITTI.
+    module = build_module(cfg, initialised=ckpt_path is not None or bool(cfg.get("init_weights")))
     if cfg.get("init_weights") and ckpt_path is None:
         log.info(load_initial_weights(module, cfg.init_weights))
     if ckpt_path is not None:
         # Another architecture fails here, naming the keys, not deep inside Lightning's restore.
         checkpoint = load_checkpoint_weights_only(ckpt_path)
         check_state_dict_compatible(module, checkpoint["state_dict"], source=str(ckpt_path))
+        continue_wandb_run(cfg, checkpoint)
         del checkpoint
         log.info("resuming from %s", ckpt_path)
         with open_dict(cfg):
             cfg.ckpt_path = str(ckpt_path)  # config.yaml records the file actually resumed
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    # Find missing files and bad splits now, not an hour into the first epoch.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    choose_monitor(cfg, datamodule)
     if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this entry point into the same folder
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=instantiate_group(cfg.get("logger")) or False,
-        # Not optional like the config's callbacks: without it a resumed run is not exact.
-        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint()],
+        # Not optional like the config's callbacks: without them a resumed run is not exact
+        # and a checkpoint cannot be used without its run folder.
+        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint(),
+                   DescribeTraining()],
         plugins=trainer_plugins(),
     )
-    log_run_config(trainer, cfg)
+    try:
+        results = fit_and_validate(cfg, trainer, module, datamodule, ckpt_path)
+        if trainer.is_global_zero:  # DDP: the metrics are synced; rank 0 writes and prints
+            write_results(cfg, trainer, results)
+    except BaseException:
+        # The wandb run ends here whatever happened, so the next run of this process (a sweep's
+        # next member) starts its own instead of logging into this one.
+        close_open_wandb_run(exit_code=1)
+        raise
+    return results
 
+
+def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
+                     datamodule: Any, ckpt_path: Path | None) -> dict[str, Any]:
+    """Validate before (if asked), train, save last.ckpt, validate after; what metrics.json
+    holds."""
+    run_dir = Path(cfg.paths.run_dir)
+    log_run_config(trainer, cfg)
     results: dict[str, Any] = {}
     if cfg.get("eval_before"):
         results["before"] = metric_summary(trainer.validate(module, datamodule=datamodule)[0])
@@ -212,15 +268,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state.
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last)
-    results["after"] = metric_summary(trainer.validate(module, datamodule=datamodule)[0])
+    after = trainer.validate(module, datamodule=datamodule)[0]
+    results["after"] = metric_summary(after)
+    monitor = "val/abs_rel" if datamodule.has_val_gt else "val/loss"
+    results["monitor"] = {"name": monitor, "value": float(after.get(monitor, math.nan))}
 
     best = [cb.best_model_path for cb in trainer.checkpoint_callbacks
             if getattr(cb, "monitor", None) and getattr(cb, "best_model_path", "")]
     results["checkpoints"] = {"last": str(last), "best": best[0] if best else None}
     results["global_step"] = trainer.global_step
     results["resumed_from"] = str(ckpt_path) if ckpt_path else None
-    if not trainer.is_global_zero:  # DDP: the metrics are synced; rank 0 writes and prints
-        return results
+    return results
+
+
+def write_results(cfg: DictConfig, trainer: pl.Trainer, results: dict[str, Any]) -> None:
+    """metrics.json, the summary file, the printed table and hints; closes the loggers."""
+    run_dir = Path(cfg.paths.run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
 
     summary = {k: results[k] for k in ("before", "after") if k in results}
@@ -232,18 +295,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Console().print(f"run folder: {run_dir}", soft_wrap=True)
     print_wandb_sync_hint(trainer)
     finish_loggers(trainer, results)
-    return results
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
     with open_dict(cfg):
-        cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+        cfg.paths.run_dir = run_dir
     # DDP's other ranks must re-run this job, not the whole --multirun (fsre_lightning.sweep).
     install_ddp_launcher_fix()
+    if is_sweep_member():
+        # A failed member is recorded and the sweep goes on; the value is for the sweeper.
+        return run_member("train", lambda c: monitored_value(run(c)), cfg, run_dir)
     run_or_exit("train", run, cfg)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m fsre_lightning.train [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv)
+    """`python -m fsre_lightning.train [overrides]`; returns the exit status (1 when members of
+    a sweep failed, each listed at the end)."""
+    failed_members.clear()
+    status = call_hydra(_hydra_main, argv)
+    return EXIT_SWEEP_FAILED if status == 0 and failed_members else status

@@ -1,19 +1,23 @@
-"""timm feature encoders with Monodepth2's input normalisation and offline-only weight loading.
+"""timm feature encoders with Monodepth2's input normalisation and ImageNet weights as timm finds
+them.
 
 `build_encoder` wraps `timm.create_model(name, features_only=True)` and checks that the model
 yields five maps at strides 2, 4, 8, 16, 32 (docs/design.md 3.1: stem after the first ReLU, then
 layer1..layer4 for a ResNet).
 
-Pretrained weights are never downloaded. They come from, in this order:
+`pretrained=True` takes the weights from, in this order:
 
 1. `weights_path`: a local checkpoint of the *classification* model (timm or torchvision key
    names, `.pth`/`.bin`/`.safetensors`), handed to timm as
    `pretrained_cfg_overlay=dict(file=...)`;
 2. the local Hugging Face hub cache (`HF_HUB_CACHE` / `HF_HOME`, default
    `~/.cache/huggingface/hub`) for the model's `hf_hub_id`, probed with `HF_HUB_OFFLINE=1`;
-3. the torch hub cache (`$TORCH_HOME/hub/checkpoints`) for the model's legacy URL.
+3. the torch hub cache (`$TORCH_HOME/hub/checkpoints`) for the model's legacy URL;
+4. a download from the Hugging Face hub into its standard cache (as timm does), unless
+   `HF_HUB_OFFLINE` is set or there is no network.
 
-If none holds the file, `PretrainedWeightsNotFound` says what is missing and how to provide it.
+If none gives the file, `PretrainedWeightsNotFound` names it and says how to provide it.
+`pretrained="auto"` (the demo's setting) never downloads: a local copy or random init.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ INPUT_STD = 0.225
 EXPECTED_REDUCTIONS = (2, 4, 8, 16, 32)
 # Five stride-2 stages: an input size must be a multiple of 32 for the decoder's skips to line up.
 SIZE_DIVISOR = EXPECTED_REDUCTIONS[-1]
-# true: ImageNet weights or an error; false: random init; auto: weights when a local copy exists.
+# true: ImageNet weights (downloaded when needed) or an error; false: random init; auto: weights
+# when a local copy exists, else random init with a warning.
 PRETRAINED = (True, False, "auto")
 
 
@@ -58,7 +63,7 @@ def check_pretrained(key: str, value: Any) -> None:
 
 
 class PretrainedWeightsNotFound(UserError, RuntimeError):  # noqa: N818 - name given by the API
-    """Pretrained weights were asked for but no local copy exists (nothing is downloaded)."""
+    """Pretrained weights were asked for but neither a local copy nor a download gives them."""
 
 
 @contextlib.contextmanager
@@ -115,15 +120,43 @@ def _find_cached_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, l
     return None, probed
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _download_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, str]:
+    """Download the model's weights from the Hugging Face hub into its standard cache.
+
+    Returns the file, or None and why not (offline, no network, no such file on the hub).
+    """
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        return None, "the model has no Hugging Face hub id to download from"
+    if _hub_offline():
+        return None, "HF_HUB_OFFLINE is set, so nothing was downloaded"
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = str(hub_id).partition("@")
+    filename = pretrained_cfg.get("hf_hub_filename")
+    failures = []
+    for name in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision or None)), ""
+        except Exception as err:  # no network, proxy, 404, ...: each is reported by name
+            failures.append(f"{repo_id}/{name}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}")
+    return None, "the download failed (" + "; ".join(failures) + ")"
+
+
 def _not_found(name: str, hub_id: str | None, detail: str) -> PretrainedWeightsNotFound:
     hint = f" (Hugging Face repo '{hub_id}')" if hub_id else ""
     return PretrainedWeightsNotFound(
-        f"pretrained=True but no ImageNet weights for encoder '{name}'{hint} are available "
-        f"offline: {detail}. Provide them with weights_path=<local checkpoint of the timm/"
-        f"torchvision classification model>, or place them in the Hugging Face cache "
-        f"({_hf_cache_dir()}, e.g. `hf download {hub_id or '<repo>'}` on a machine "
-        f"with internet, then copy the cache), or set pretrained=False to train from scratch. "
-        f"Nothing is ever downloaded at run time."
+        f"pretrained=True but the ImageNet weights of encoder '{name}'{hint} are not available: "
+        f"{detail}. On a machine with network access they are downloaded into the Hugging Face "
+        f"cache on first use; offline, provide them with weights_path=<local checkpoint of the "
+        f"timm/torchvision classification model>, or copy that cache ({_hf_cache_dir()}, e.g. "
+        f"after `hf download {hub_id or '<repo>'}` elsewhere), or set pretrained=false to train "
+        f"from scratch"
     )
 
 
@@ -163,8 +196,10 @@ def create_feature_model(
     pretrained: bool = False,
     weights_path: str | os.PathLike[str] | None = None,
     in_chans: int = 3,
+    download: bool = True,
 ) -> nn.Module:
-    """Build a timm `features_only` model, loading ImageNet weights only from local files.
+    """Build a timm `features_only` model with ImageNet weights from the places the module
+    docstring lists (`download=False`: local files only).
 
     `in_chans` must be 3 when pretrained (multi-frame inputs are adapted by `build_encoder`).
     """
@@ -182,9 +217,12 @@ def create_feature_model(
         known = get_pretrained_cfg(name)
         cfg = known.to_dict() if known is not None else {}
         found, probed = _find_cached_weights(cfg)
+        detail = "no local copy (looked in " + ("; ".join(probed) or "no known place") + ")"
+        if found is None and download:
+            found, why = _download_weights(cfg)
+            detail = f"{detail} and {why}"
         if found is None:
-            where = "; ".join(probed) if probed else "the model has no known weight source"
-            raise _not_found(name, cfg.get("hf_hub_id"), f"looked in {where}")
+            raise _not_found(name, cfg.get("hf_hub_id"), detail)
         path = found
     _logger.info("Loading ImageNet weights for %s from %s", name, path)
     with _hf_offline():
@@ -246,18 +284,20 @@ def build_encoder(
     pretrained: bool | str = False,
     weights_path: str | os.PathLike[str] | None = None,
     num_input_images: int = 1,
+    download: bool = True,
 ) -> FeatureEncoder:
     """Feature encoder for FSRE (one image) or the pose network (`num_input_images` frames).
 
     For several frames the first convolution takes 3 * N channels; pretrained RGB filters are
     duplicated N times and divided by N (done here, independent of timm's own adaptation).
     `pretrained="auto"` loads the weights when a local copy exists and otherwise warns and
-    starts from random init; `True` insists and raises PretrainedWeightsNotFound without them.
+    starts from random init; `True` insists (downloading them when it can) and raises
+    PretrainedWeightsNotFound without them.
     """
     if pretrained == "auto":
-        # The training default: use ImageNet weights when a local copy exists, else say so.
+        # The demo's setting: ImageNet weights when a local copy exists, else say so.
         try:
-            return build_encoder(name, True, weights_path, num_input_images)
+            return build_encoder(name, True, weights_path, num_input_images, download=False)
         except PretrainedWeightsNotFound as err:
             _logger.warning("pretrained=auto, using random initialisation: %s", err)
             return build_encoder(name, False, None, num_input_images)
@@ -265,11 +305,12 @@ def build_encoder(
     if num_input_images < 1:
         raise ValueError(f"num_input_images must be >= 1, got {num_input_images}")
     if num_input_images == 1:
-        return FeatureEncoder(create_feature_model(name, pretrained, weights_path), name)
+        return FeatureEncoder(
+            create_feature_model(name, pretrained, weights_path, download=download), name)
     model = create_feature_model(name, pretrained=False, in_chans=3 * num_input_images)
     encoder = FeatureEncoder(model, name, num_input_images)
     if pretrained:
-        rgb = create_feature_model(name, True, weights_path)
+        rgb = create_feature_model(name, True, weights_path, download=download)
         state = rgb.state_dict()
         key = _first_conv_key(model, state)
         state[key] = duplicate_first_conv(state[key], num_input_images)

@@ -2,8 +2,9 @@
 
 The checkpoint's hyper-parameters rebuild the release's networks, so `evaluate`, `predict`,
 `FSREModule.load_from_checkpoint` and `train init_weights=...` take it; it also records the
-release's training resolution (`input_size`) and where it came from. Without pose files the
-pose network is left randomly initialised (evaluation does not use it).
+release's training data (`training_data`: its input size, KITTI's camera, frames 0, -1, 1) and
+where it came from. Without pose files the pose network is left randomly initialised
+(evaluation does not use it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from fsre_lightning.checkpointing import INPUT_SIZE_KEY, AtomicCheckpointIO
+from fsre_lightning.checkpointing import (
+    TRAINING_DATA_KEY,
+    AtomicCheckpointIO,
+    training_data_entry,
+)
+from fsre_lightning.data.layout import KITTI_INTRINSICS
 from fsre_lightning.module import FSREModule
 from fsre_lightning.reference.load import ReferenceRelease
 
@@ -46,7 +52,9 @@ def release_checkpoint(release: ReferenceRelease) -> dict[str, Any]:
         "pytorch-lightning_version": pl.__version__,
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
-        INPUT_SIZE_KEY: [release.height, release.width],
+        # The published models are trained on KITTI with frames (0, -1, 1).
+        TRAINING_DATA_KEY: training_data_entry(release.height, release.width, KITTI_INTRINSICS,
+                                               (0, -1, 1), release.layout.segmentation),
         RELEASE_KEY: {
             "folder": str(release.folder),
             "has_pose": release.pose is not None,

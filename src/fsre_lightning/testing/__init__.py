@@ -42,6 +42,7 @@ def optimiser_configs(optimizer: str = "adam", scheduler: str = "multistep", *,
 # take seconds.
 TINY_SYNTHETIC = (
     "data=synthetic",
+    "model.network.pretrained=false",
     "data.height=64",
     "data.width=192",
     "data.batch_size=2",

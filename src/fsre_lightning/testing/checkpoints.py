@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from fsre_lightning.checkpointing import TRAINING_DATA_KEY, training_data_entry
 from fsre_lightning.module import FSREModule
 
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18",
@@ -28,15 +29,27 @@ def save_checkpoint(module: FSREModule, path: Path) -> Path:
     return path
 
 
-def make_run(run_dir: Path, segmentation: bool = True, height: int = 64, width: int = 192
-             ) -> Path:
-    """run_dir/checkpoints/last.ckpt and the run's config.yaml (training size, intrinsics)."""
+# A camera that is not KITTI's, so a test sees where the intrinsics came from.
+INTRINSICS = (0.58, 1.92, 0.5, 0.5)
+
+
+def make_run(run_dir: Path, segmentation: bool = True, height: int = 64, width: int = 192,
+             legacy: bool = False) -> Path:
+    """run_dir/checkpoints/last.ckpt describing its training data (size, `INTRINSICS`) as
+    training writes it; `legacy=True`: as older versions wrote it, the description only in the
+    run's config.yaml."""
     torch.manual_seed(0)
     module = FSREModule(network=network(segmentation), pose_network=POSE,
                         image_log_every_n_steps=0)
     ckpt = save_checkpoint(module, run_dir / "checkpoints" / "last.ckpt")
-    (run_dir / "config.yaml").write_text(
-        f"data:\n  height: {height}\n  width: {width}\n  intrinsics: [0.58, 1.92, 0.5, 0.5]\n")
+    if legacy:
+        (run_dir / "config.yaml").write_text(
+            f"data:\n  height: {height}\n  width: {width}\n  intrinsics: {list(INTRINSICS)}\n")
+        return ckpt
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint[TRAINING_DATA_KEY] = training_data_entry(height, width, INTRINSICS, (0, -1, 1),
+                                                        segmentation)
+    torch.save(checkpoint, ckpt)
     return ckpt
 
 
