@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean constraints
+.PHONY: install test test-fast lint demo clean constraints check-floors
 
 install: $(STAMP)
 
@@ -26,15 +26,28 @@ test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" -n auto
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(FLOORS) outputs .pytest_cache
 
 # After upgrading packages in .venv on purpose: record the versions make install pins.
 constraints: install
-	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^fsre'; } \
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip list --format=freeze --exclude-editable | grep -v -E '^(fsre|pip==)'; } \
 		> constraints.txt.new && mv constraints.txt.new constraints.txt
+
+# The floors of pyproject.toml at work: a separate environment with every dependency at its
+# minimum version (tools/floor_constraints.py; torch/torchvision stay at the local builds), the
+# fast tests and one end-to-end sweep. Not part of `make test`: it installs a second environment.
+FLOORS := .venv-floors
+check-floors:
+	rm -rf $(FLOORS)
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python tools/floor_constraints.py > $(FLOORS)/floors.txt
+	$(FLOORS)/bin/pip install -c $(FLOORS)/floors.txt -e . pytest pytest-xdist
+	OMP_NUM_THREADS=1 $(FLOORS)/bin/python -m pytest -q -p no:cacheprovider -n auto -m "not slow"
+	$(FLOORS)/bin/python -m pytest -q -p no:cacheprovider tests/test_experiments.py \
+		-k ablation_h_smoke_sweep
 
 # A short training run on the built-in synthetic scenes; extra Hydra overrides via ARGS="...".
 demo: install

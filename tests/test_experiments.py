@@ -91,7 +91,10 @@ def test_every_experiment_resolves_alone_and_with_smoke(experiment: str, tmp_pat
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):  # the job's config, as Hydra hands it to the task
             del cfg["hydra"]
-        job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        finally:  # a table's MULTIRUN mode must not leak into later tests of this process
+            HydraConfig.instance().cfg = None
         validate_config(job, "train")
         if "smoke" in selection:
             assert job.data.height == 64 and job.trainer.max_steps <= 5

@@ -34,6 +34,7 @@ from fsre_lightning.runtime import CONFIG_DIR, PREEMPTED_EXIT_CODE
 # epochs of three steps so that runs cross an epoch boundary, no best-checkpoint saves.
 TINY = [
     "data=synthetic",
+    "model.network.pretrained=false",
     "logger=csv",
     "model=monodepth2",
     "data.height=64",
