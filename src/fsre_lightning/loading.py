@@ -36,7 +36,7 @@ from fsre_lightning.data.video_folder import normalise_intrinsics, scan_sequence
 from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.models.encoder import check_image_size
 from fsre_lightning.models.fsre import NetworkConfig
-from fsre_lightning.module import FSREModule
+from fsre_lightning.module import FSREModule, without_imagenet_init
 from fsre_lightning.reference.keys import (
     attention_scale_of,
     num_heads_of,
@@ -66,8 +66,8 @@ def load_module(ckpt_path: str | os.PathLike[str], device: torch.device) -> FSRE
         raise CheckpointMismatchError(f"{ckpt_path} is not an FSREModule checkpoint: its "
                                       "hyper_parameters lack network/pose_network")
     # The checkpoint's weights replace any ImageNet initialisation: do not look for one.
-    kwargs: dict[str, Any] = {key: {**hparams[key], "pretrained": False, "weights_path": None}
-                              for key in ("network", "pose_network")}
+    kwargs: dict[str, Any] = {key: value for key, value in without_imagenet_init(hparams).items()
+                              if key in ("network", "pose_network")}
     # Older Lightning has no weights_only argument (it would reach FSREModule's constructor);
     # the weights-only read above has vetted the file either way.
     if "weights_only" in inspect.signature(FSREModule.load_from_checkpoint).parameters:

@@ -298,10 +298,8 @@ class FSREModule(pl.LightningModule):
         # checkpoint (load_from_checkpoint) must not look for that file. The run's config.yaml
         # keeps the setting the run was started with.
         hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict):
-            for key in ("network", "pose_network"):
-                if isinstance(hparams.get(key), Mapping):
-                    hparams[key] = {**hparams[key], "pretrained": False, "weights_path": None}
+        if isinstance(hparams, Mapping):
+            checkpoint["hyper_parameters"] = without_imagenet_init(hparams)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resume (Trainer.fit(ckpt_path)) and load_from_checkpoint both pass here before the
@@ -366,6 +364,14 @@ class FSREModule(pl.LightningModule):
                         else extra[:n])
         log_dir = Path(self.trainer.default_root_dir) / "images"
         log_image(self.logger, key, make_panel(rows), self.global_step, log_dir)
+
+
+def without_imagenet_init(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """FSREModule's arguments (or hyper-parameters) with ImageNet initialisation off in both
+    networks: for a module whose weights come from a checkpoint anyway."""
+    return {key: {**value, "pretrained": False, "weights_path": None}
+            if key in ("network", "pose_network") and isinstance(value, Mapping) else value
+            for key, value in arguments.items()}
 
 
 def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -345,8 +345,9 @@ def report(sweep: Path, out: Path | None = None, stage: str = "after",
     paths = _members_of(sweep)
     loaded = [(p, load_member(p, stage)) for p in paths]
     members = [m for _, m in loaded if m is not None]
-    failed = [(p, record) for p, m in loaded if m is None and (record := read_failure(p))]
-    missing = [p for p, m in loaded if m is None and read_failure(p) is None]
+    unfinished = [(p, read_failure(p)) for p, m in loaded if m is None]
+    failed = [(p, record) for p, record in unfinished if record is not None]
+    missing = [p for p, record in unfinished if record is None]
     if not members:
         reasons = "".join(f"\n  {line}" for line in failure_lines(failed)[1:-1])
         raise ReportError(f"{sweep}: no member has a metrics.json yet"

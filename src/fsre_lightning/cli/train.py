@@ -39,7 +39,7 @@ from fsre_lightning.checkpointing import (
 from fsre_lightning.config import validate_config
 from fsre_lightning.loading import load_initial_weights
 from fsre_lightning.metrics import REPORTED_METRICS
-from fsre_lightning.module import FSREModule, metric_summary
+from fsre_lightning.module import FSREModule, metric_summary, without_imagenet_init
 from fsre_lightning.runtime import (
     CONFIG_DIR,
     EXIT_SWEEP_FAILED,
@@ -131,8 +131,7 @@ def build_module(cfg: DictConfig, initialised: bool) -> FSREModule:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
     if initialised:
-        for key in ("network", "pose_network"):
-            model[key] = {**model[key], "pretrained": False, "weights_path": None}
+        model = without_imagenet_init(model)
     return hydra.utils.instantiate(
         model, loss=cfg.loss, eval_crop=cfg.data.eval_crop, min_depth_eval=cfg.data.min_depth_eval,
         max_depth_eval=cfg.data.max_depth_eval, _recursive_=False)
