@@ -23,9 +23,9 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.runtime import CONFIG_DIR
 from fsre_lightning.sweep import per_process_batch, run_group, world_size
-from fsre_lightning.testing import command_env, compose_config, run_command
+from fsre_lightning.testing import command_env, compose_config, experiments, run_command
 
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = experiments()
 PAPER_EXPERIMENTS = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin",
                      "ablation_cma", "ablation_h", "ablation_cma_placement", "full_hr",
                      "full_r50"]

@@ -4,7 +4,6 @@ run folders that never collide, and the Optuna search."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -25,12 +24,19 @@ from fsre_lightning.runtime import (
     PREEMPTED_EXIT_CODE,
     PreemptedError,
 )
-from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+from fsre_lightning.testing import (
+    EXPERIMENT_PLUGINS,
+    TINY_SYNTHETIC,
+    command_env,
+    compose_config,
+    installed,
+    run_command,
+)
 
 TABLES = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin", "ablation_cma",
           "ablation_h", "ablation_cma_placement"]
 SINGLE_RUNS = ["demo", "full_hr", "full_r50", "smoke"]
-HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+HAS_OPTUNA = installed(EXPERIMENT_PLUGINS["search_sgt"])
 
 
 @pytest.mark.parametrize("experiment", TABLES + SINGLE_RUNS)

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from fsre_lightning.runtime import CONFIG_DIR
-from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config
+from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, experiments
 
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = experiments()
 
 TINY = [*TINY_SYNTHETIC, "logger=csv", "trainer.limit_val_batches=2",
         "callbacks.progress_bar=null"]
@@ -33,7 +32,7 @@ def test_every_experiment_composes_and_validates(experiment: str) -> None:
 
 @pytest.mark.slow
 def test_cfg_job_prints_the_composed_config(command: Any) -> None:
-    result = command("train", [f"+experiment={EXPERIMENTS[0]}", "--cfg", "job"])
+    result = command("train", ["+experiment=ablation_cma", "--cfg", "job"])
     assert result.returncode == 0, result.stderr
     assert "sgt_kernel_size: 5" in result.stdout and "cma_scales:" in result.stdout
 

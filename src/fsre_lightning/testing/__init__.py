@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -52,6 +53,30 @@ TINY_SYNTHETIC = (
     "++data.synthetic.height=64",
     "++data.synthetic.width=192",
 )
+
+
+# Experiments that need an optional Hydra plugin (an extra of the package): name -> plugin module.
+EXPERIMENT_PLUGINS = {"search_sgt": "hydra_plugins.hydra_optuna_sweeper"}
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (a missing parent package counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def experiments() -> list[Any]:
+    """Every experiment config as a pytest parameter; those whose plugin is not installed are
+    skipped, saying which extra to install."""
+    import pytest
+
+    names = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    return [pytest.param(name, marks=pytest.mark.skipif(
+        name in EXPERIMENT_PLUGINS and not installed(EXPERIMENT_PLUGINS[name]),
+        reason=f"{name} needs {EXPERIMENT_PLUGINS.get(name)} (an optional extra)"))
+        for name in names]
 
 
 def compose_config(entry: str, overrides: str | Sequence[str] = (), *,
