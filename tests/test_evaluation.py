@@ -27,7 +27,7 @@ from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, garg_crop_bo
 from fsre_lightning.module import FSREModule
 from fsre_lightning.testing import compose_config
 
-KEYS = {*EIGEN_KEYS, "num_frames"}
+KEYS = {*EIGEN_KEYS, "num_frames", "num_frames_without_gt"}
 
 
 def random_gt(seed: int, n: int = 3, size: tuple[int, int] = (30, 50)) -> list[np.ndarray]:

@@ -137,6 +137,41 @@ def test_truncated_or_missing_files_are_named(tmp_path: Path) -> None:
         velodyne_depth(root / DATE, scan(root, 1))
 
 
+@pytest.mark.parametrize("content", ["empty", "nan", "random bytes", "nothing in view"])
+def test_scans_that_are_not_sensor_returns_are_rejected_by_name(tmp_path: Path,
+                                                                  content: str) -> None:
+    """Each once became a silent empty or absurd ground-truth map (depths up to 3e38)."""
+    root = make_kitti(tmp_path)
+    path = scan(root, 0)
+    if content == "empty":
+        path.write_bytes(b"")
+        expected = r"0000000000\.bin is empty \(0 bytes\)"
+    elif content == "nan":
+        write_scan(path, [*POINTS, [np.nan, 0.0, 0.0, 0.5]])
+        expected = r"0000000000\.bin: 1 of \d+ points are not finite or lie beyond 200 m"
+    elif content == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(16 * 1000))
+        expected = r"0000000000\.bin: \d+ of 1000 points are not finite or lie beyond"
+    else:
+        write_scan(path, [[-5.0, 0.0, 0.0, 0.5], [3.0, 90.0, 0.0, 0.5]])  # behind, far left
+        expected = r"0000000000\.bin: no point falls inside camera 2's 100 x 40 image"
+    with pytest.raises(DataError, match=expected):
+        velodyne_depth(root / DATE, path)
+    split = write_split(tmp_path / "splits" / "tiny", [f"{DRIVE} 1 l", f"{DRIVE} 0 l"])
+    with pytest.raises(DataError, match=expected):
+        export_gt_depths(root, split, split.parent / "gt_depths.npz", progress=False)
+    assert not (split.parent / "gt_depths.npz").exists()
+
+
+def test_an_empty_ground_truth_map_is_counted_not_hidden() -> None:
+    """An archive written before those checks may hold an empty map: the frame is reported as
+    not scored instead of shrinking the average without a word."""
+    gt = np.full((H, W), 10.0, dtype=np.float32)
+    results = evaluate_eigen([np.full((H, W), 0.1)] * 2, [gt, np.zeros_like(gt)],
+                             crop="none", max_depth=80.0)
+    assert results["num_frames"] == 1 and results["num_frames_without_gt"] == 1
+
+
 def test_export_writes_what_load_gt_depths_reads(tmp_path: Path) -> None:
     root = make_kitti(tmp_path)
     split = write_split(tmp_path / "splits" / "tiny", [f"{DRIVE} 1 l", f"{DRIVE} 0 l"])

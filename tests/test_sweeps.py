@@ -165,23 +165,42 @@ def test_the_report_marks_failed_members(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- end to end
+def test_every_member_is_checked_before_the_first_starts(tmp_path: Path, capsys,
+                                                         monkeypatch) -> None:
+    """A bad value in a later member used to surface only after the earlier ones trained."""
+    for key, value in command_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    status = train.main(["--multirun", *TINY_SYNTHETIC, "logger=csv", "name=bad",
+                         "loss.sgt_kernel_size=3,4,5", "model.network.num_heads=1,0"])
+    err = capsys.readouterr().err
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.startswith("fsre_lightning.train")]
+    assert len(lines) == 5 and lines[-1].endswith("4 of 6 sweep members are invalid; nothing "
+                                                  "was started")
+    assert "sweep member 2 (" in lines[1] and "loss.sgt_kernel_size=4 is not allowed" in lines[1]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.slow
-def test_a_sweep_with_an_invalid_middle_member_trains_the_others(tmp_path: Path) -> None:
+def test_a_sweep_whose_middle_member_fails_at_run_time_trains_the_others(tmp_path: Path) -> None:
+    """A missing init_weights file passes the config checks and fails when that member starts:
+    recorded, reported, the other two trained."""
     env = command_env(tmp_path)
+    missing = tmp_path / "missing.ckpt"
     result = run_command("train", [*TINY_SYNTHETIC, "+experiment=smoke", "model=monodepth2",
-                                   "name=lrs", "model.optimizer.lr=1e-4,-1,2e-4", "--multirun"],
-                         env, timeout=1200)
+                                   "name=init", f"init_weights=null,{missing},null",
+                                   "--multirun"], env, timeout=1200)
     assert result.returncode == EXIT_SWEEP_FAILED, result.stderr[-3000:]
-    (folder,) = (tmp_path / "outputs" / "multirun" / "lrs").iterdir()
+    (folder,) = (tmp_path / "outputs" / "multirun" / "init").iterdir()
     assert (folder / "0" / "metrics.json").is_file() and (folder / "2" / "metrics.json").is_file()
     record = sweep.read_failure(folder / "1")
-    assert record["type"] == "ConfigError" and "model.optimizer.lr" in record["error"]
+    assert record["type"] == "FileNotFoundError" and "missing.ckpt" in record["error"]
     summary = [line for line in result.stderr.splitlines() if "sweep member(s) failed" in line]
     assert summary == ["1 of 3 sweep member(s) failed (1); rerun only those:"]
-    assert "fsre-train --multirun" in result.stderr and "model.optimizer.lr=-1" in result.stderr
+    assert "fsre-train --multirun" in result.stderr and f"init_weights={missing}" in result.stderr
     report = run_command("report", [str(folder)], env, timeout=300)
     assert report.returncode == 0, report.stderr
-    assert "- member 1 (" in report.stdout and "ConfigError" in report.stdout
+    assert "- member 1 (" in report.stdout and "FileNotFoundError" in report.stdout
 
 
 @pytest.mark.slow

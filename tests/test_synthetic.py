@@ -18,6 +18,7 @@ from fsre_lightning.data.synthetic import (
     read_poses,
     render_drive,
 )
+from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import intrinsics_matrix, warp
 
 H, W = 64, 192
@@ -162,11 +163,33 @@ def test_interrupted_generation_is_redone(tmp_path):
     root = tmp_path / "kitti"
     kwargs = {"num_drives": 3, "frames_per_drive": 3, "height": 16, "width": 48, "workers": 1}
     generate_synthetic_kitti(root, **kwargs)
-    (root / "synthetic.json").unlink()  # as if the run had died before the marker
+    marker = root / "synthetic.json"
+    # As if the run had died mid-way: the claim written first, not the completed record.
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "complete": False}))
     stale = root / DATE / "stale.txt"
     stale.write_text("x")
     generate_synthetic_kitti(root, **kwargs)
-    assert (root / "synthetic.json").is_file() and not stale.exists()
+    assert "complete" not in json.loads(marker.read_text()) and not stale.exists()
+
+
+def test_a_foreign_folder_is_never_written_into(tmp_path):
+    """data.root pointing at a real KITTI copy (without data=kitti) once got synthetic drives
+    and a synthetic.json added to it."""
+    kitti = tmp_path / "kitti_raw"
+    (kitti / "2011_09_26").mkdir(parents=True)
+    (kitti / "2011_09_26" / "calib_cam_to_cam.txt").write_text("P_rect_02: 1 0 0 0\n")
+    before = sorted(p.relative_to(kitti) for p in kitti.rglob("*"))
+    with pytest.raises(DataError, match=r"kitti_raw is not empty and was not written by the "
+                                        r"synthetic scene generator.*data=kitti"):
+        generate_synthetic_kitti(kitti, num_drives=3, frames_per_drive=3, height=16, width=48)
+    assert sorted(p.relative_to(kitti) for p in kitti.rglob("*")) == before
+    # A new folder, or an empty one, is the generator's to fill.
+    for root in (tmp_path / "new" / "synthetic", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        generate_synthetic_kitti(root, num_drives=3, frames_per_drive=3, height=16, width=48,
+                                 workers=1)
+        assert (root / "synthetic.json").is_file()
 
 
 def test_rejects_too_few_drives(tmp_path):

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, experiments
+from fsre_lightning.testing import (
+    TINY_SYNTHETIC,
+    command_env,
+    compose_config,
+    experiments,
+    installed,
+)
 
 EXPERIMENTS = experiments()
 
@@ -115,3 +121,31 @@ def test_bad_input_fails_before_training_with_a_clear_message(
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.network.encoder=notamodel", "model.network.encoder='notamodel' is not allowed"),
+        ("model.network.pretrained=true", "ImageNet weights of encoder 'resnet18.tv_in1k'"),
+        pytest.param("trainer=gpu", "no CUDA device is visible", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param("logger=tensorboard", "needs a package that is not installed",
+                     marks=pytest.mark.skipif(installed("tensorboard"),
+                                              reason="tensorboard is installed")),
+    ],
+)
+@pytest.mark.slow
+def test_what_only_the_machine_knows_fails_before_any_data_work(
+    tmp_path: Path, command: Any, override: str, fragment: str
+) -> None:
+    """Encoder name, ImageNet weights (offline: the suite sets HF_HUB_OFFLINE), a GPU, a
+    logger's optional package: each one line and exit 2, before the synthetic scenes exist."""
+    key = override.split("=")[0]
+    overrides = [o for o in TINY_SYNTHETIC if not o.startswith(f"{key}=")]
+    result = command("train", [*overrides, "logger=csv", override])
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()

@@ -70,6 +70,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"{storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed while saving leaves its temporary file (hundreds of MB); one writer
+        # per target, so any left-over one is stale.
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         # Same folder as the target: os.replace is only atomic within one file system.
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
                                         suffix=".tmp")

@@ -47,7 +47,8 @@ def _as_map(value: Any, what: str, index: int) -> torch.Tensor:
 
 
 def summarize(metric: DepthMetrics) -> dict[str, float]:
-    """`DepthMetrics`' state as plain floats: EIGEN_KEYS plus num_frames (images scored)."""
+    """`DepthMetrics`' state as plain floats: EIGEN_KEYS plus num_frames (images scored) and
+    num_frames_without_gt (images not scored: no valid ground-truth pixel)."""
     computed = metric.compute()
     if not computed:
         raise ValueError(
@@ -56,6 +57,7 @@ def summarize(metric: DepthMetrics) -> dict[str, float]:
         )
     out = {key: float(computed[key]) for key in EIGEN_KEYS}
     out["num_frames"] = int(computed["num_images"])
+    out["num_frames_without_gt"] = int(computed["num_images_without_gt"])
     return out
 
 
@@ -78,7 +80,7 @@ def evaluate_eigen(
     Per image: valid pixels are min_depth < gt < max_depth, inside the Garg crop when
     crop="garg"; with median scaling the prediction is multiplied by median(gt) /
     median(pred) over those pixels; then it is clamped to [min_depth, max_depth]. Images
-    without a valid pixel are skipped (not counted in num_frames).
+    without a valid pixel are skipped (not in num_frames; counted in num_frames_without_gt).
 
     Returns abs_rel, sq_rel, rmse, rmse_log, a1, a2, a3 (means over images), ratio_median and
     ratio_std (median of the per-image ratios and their standard deviation divided by that

@@ -87,11 +87,11 @@ def load_module(ckpt_path: str | os.PathLike[str], device: torch.device) -> FSRE
 def training_data(ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
     """What the checkpoint says about its training data (`training_data_entry`); a checkpoint
     imported from a release before that entry existed gives its `input_size` alone, an older
-    or unreadable one {} (`load_module` reports an unreadable file with its own message)."""
-    try:
-        checkpoint = load_checkpoint_weights_only(ckpt_path)
-    except (OSError, ValueError):  # missing or unreadable (CheckpointMismatchError)
+    one {}, so does a missing file (its loading reports that); an unreadable one is a
+    CheckpointMismatchError naming it."""
+    if not Path(ckpt_path).is_file():
         return {}
+    checkpoint = load_checkpoint_weights_only(ckpt_path)
     entry = checkpoint.get(TRAINING_DATA_KEY)
     if isinstance(entry, dict):
         return dict(entry)

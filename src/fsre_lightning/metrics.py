@@ -146,6 +146,10 @@ class DepthMetrics(Metric):
         self.add_state("count", default=torch.zeros((), dtype=torch.float64),
                        dist_reduce_fx="sum")
         self.add_state("ratios", default=[], dist_reduce_fx="cat")
+        # Images with no valid ground-truth pixel (e.g. an empty map): not scored, but counted,
+        # so a report can say that a frame did not count.
+        self.add_state("without_gt", default=torch.zeros((), dtype=torch.float64),
+                       dist_reduce_fx="sum")
 
     def update(
         self,
@@ -164,6 +168,7 @@ class DepthMetrics(Metric):
                 self.median_scaling,
             )
             if result is None:
+                self.without_gt += 1
                 continue
             errors, ratio = result
             self.sums += torch.stack([errors[k] for k in DEPTH_METRIC_KEYS]).to(self.sums)
@@ -184,6 +189,7 @@ class DepthMetrics(Metric):
             out["ratio_median"] = ratio_median
             out["ratio_std"] = ratios.std(unbiased=False) / ratio_median
         out["num_images"] = self.count.clone()
+        out["num_images_without_gt"] = self.without_gt.clone()
         return out
 
 

@@ -348,6 +348,10 @@ def report(sweep: Path, out: Path | None = None, stage: str = "after",
     unfinished = [(p, read_failure(p)) for p, m in loaded if m is None]
     failed = [(p, record) for p, record in unfinished if record is not None]
     missing = [p for p, record in unfinished if record is None]
+    if members and not any(m.metrics for m in members):
+        raise ReportError(f"{sweep}: no member has '{stage}' metrics in its metrics.json"
+                          + (" (they exist only for runs trained with eval_before=true)"
+                             if stage == "before" else "") + "; nothing written")
     if not members:
         reasons = "".join(f"\n  {line}" for line in failure_lines(failed)[1:-1])
         raise ReportError(f"{sweep}: no member has a metrics.json yet"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from fsre_lightning.errors import ConfigError, require
@@ -73,6 +74,22 @@ def check_path(key: str, value: Any, nullable: bool = False) -> None:
         return
     require(isinstance(value, os.PathLike) or (isinstance(value, str) and bool(value)), key,
             value, "a path (a non-empty string)" + (" or null" if nullable else ""))
+
+
+def check_writable(key: str, value: Any, folder: bool = False) -> None:
+    """An output path (a file, or a folder with `folder=True`) that can be written: its nearest
+    existing ancestor is a writable folder. Checked before the work, so a long evaluation or
+    export is not lost at its last step."""
+    check_path(key, value)
+    path = Path(value).expanduser().absolute()
+    require(not path.is_dir() or folder, key, value, "a file path, not a folder")
+    require(not (folder and path.exists() and not path.is_dir()), key, value,
+            "a folder, not a file")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), key, value,
+            f"a path that can be written ({existing} is not a writable folder)")
 
 
 def arguments(values: Mapping[str, Any]) -> dict[str, Any]:

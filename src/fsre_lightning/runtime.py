@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fsre_lightning.errors import UserError
+from fsre_lightning.errors import ConfigError, UserError
 
 # The Hydra config groups ship inside the package, so an installed wheel finds them; users add
 # their own groups with --config-dir or hydra.searchpath, or replace them all by
@@ -107,6 +107,40 @@ def call_hydra(task: Callable[[], Any], argv: Sequence[str] | None = None) -> in
     finally:
         sys.argv = saved
     return 0
+
+
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, except that a user's mistake raised inside a target (missing
+    ImageNet weights, a missing optional package) comes out as a one-line UserError instead of
+    Hydra's nested InstantiationException."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException = err
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        if isinstance(cause, ModuleNotFoundError | ImportError):
+            target = config.get("_target_") if hasattr(config, "get") else None
+            first_line = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise UserError(f"{target or 'a config target'} needs a package that is not "
+                            f"installed ({first_line}); install the optional extra that "
+                            "provides it (pyproject.toml [project.optional-dependencies], e.g. "
+                            "pip install 'fsre-lightning[tensorboard]')") from None
+        raise
+
+
+def check_accelerator(name: str) -> None:
+    """A trainer accelerator this machine has: checked before any data work, not when the
+    Trainer is built after an hour of cache building."""
+    if str(name) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", name, "no CUDA device is visible on this "
+                          "machine (check CUDA_VISIBLE_DEVICES and the driver): use trainer=cpu, "
+                          "or run on a GPU node")
 
 
 def resolve_device(name: str) -> torch.device:

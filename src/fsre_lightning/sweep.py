@@ -75,12 +75,12 @@ def sweep_sync_command(sweep_dir: str | Path) -> str | None:
 
 
 try:
-    from hydra.experimental.callback import Callback as _HydraCallback
+    from hydra.experimental.callback import Callback as HydraCallback
 except ImportError:  # pragma: no cover - Hydra < 1.3 moved it
-    from hydra.experimental.callbacks import Callback as _HydraCallback  # type: ignore
+    from hydra.experimental.callbacks import Callback as HydraCallback  # type: ignore
 
 
-class WandbSyncHint(_HydraCallback):
+class WandbSyncHint(HydraCallback):
     """At the end of a `--multirun`, print how to upload all of its offline wandb runs."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -177,7 +177,7 @@ def run_member(command: str, job: Callable[[Any], Any], cfg: Any, run_dir: str |
         return math.nan
 
 
-class SweepOutcome(_HydraCallback):
+class SweepOutcome(HydraCallback):
     """At the end of a multirun, list the failed members and how to rerun each of them."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

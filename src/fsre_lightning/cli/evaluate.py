@@ -30,8 +30,14 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.data.kitti import KittiDataModule
 from fsre_lightning.data.layout import GT_FILE_NAMES
 from fsre_lightning.errors import DataError
-from fsre_lightning.evaluation import evaluate_depth, evaluate_segmentation, format_table_row
+from fsre_lightning.evaluation import (
+    evaluate_depth,
+    evaluate_segmentation,
+    format_table_row,
+    semantic_pairs,
+)
 from fsre_lightning.loading import load_module, training_resolution
+from fsre_lightning.rules import check_writable
 from fsre_lightning.runtime import CONFIG_DIR, call_hydra, resolve_device, run_or_exit
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ def print_report(results: dict[str, Any]) -> None:
     pp = ", flip post-processing" if settings["post_process"] else ""
     print(f"\ndepth, Eigen protocol (crop {settings['crop']}, {mode}{pp}) at "
           f"{settings['height']} x {settings['width']}: {results['num_frames']} frames scored")
+    if results.get("num_frames_without_gt"):
+        print(f"WARNING: {results['num_frames_without_gt']} frames have no valid ground-truth "
+              "pixel (an empty map in gt_depths.npz: re-export it with "
+              "python -m fsre_lightning.export_gt) and were not scored")
     if results.get("num_skipped_frames"):
         print(f"WARNING: {results['num_skipped_frames']} frames of the split were unreadable "
               f"and skipped (data.eval_on_error=skip): not comparable to a full-split score")
@@ -81,6 +91,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as the config says; returns what the JSON file holds."""
     validate_config(cfg, "evaluate")
     ckpt_path = Path(cfg.ckpt_path)
+    # What would fail at the end fails now: where the metrics go, the semantics folder.
+    check_writable("metrics_path", cfg.metrics_path or str(ckpt_path.parent / "metrics.json"))
+    if cfg.get("semantics_dir"):
+        semantic_pairs(Path(cfg.semantics_dir))
     device = resolve_device(cfg.device)
     height, width, source = training_resolution(ckpt_path, cfg.height, cfg.width,
                                                 fallback=(cfg.data.height, cfg.data.width))

@@ -25,6 +25,7 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.inference.export import default_output, export
 from fsre_lightning.inference.model import build_inference_model
 from fsre_lightning.loading import load_module, training_resolution
+from fsre_lightning.rules import check_writable
 from fsre_lightning.runtime import CONFIG_DIR, call_hydra, resolve_device, run_or_exit
 
 
@@ -34,11 +35,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint")
+    path = Path(cfg.output) if cfg.get("output") else default_output(ckpt_path, cfg.format)
+    check_writable("output", str(path))
     height, width, _ = training_resolution(ckpt_path, cfg.height, cfg.width)
     device = resolve_device(cfg.device)
     module = load_module(ckpt_path, device)
     model = build_inference_model(module, ckpt_path, bool(cfg.segmentation), "labels")
-    path = Path(cfg.output) if cfg.get("output") else default_output(ckpt_path, cfg.format)
     summary = export(model, cfg.format, path, (height, width), float(cfg.tolerance),
                      int(cfg.opset))
     print(f"wrote {path} (input image: B x 3 x {height} x {width} float RGB in [0, 1]; "

@@ -10,7 +10,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from fsre_lightning.errors import ConfigError
 from fsre_lightning.reporting import ReportError, find_sweep, report
+from fsre_lightning.rules import check_writable
 from fsre_lightning.runtime import EXIT_USER_ERROR, report_error
 
 
@@ -31,9 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-png", action="store_true", help="skip the bar chart")
     args = parser.parse_args(argv)
     try:
+        if args.out is not None:
+            check_writable("--out", args.out, folder=True)
         sweep = find_sweep(args.source, args.outputs)
         result = report(sweep, args.out, args.stage, png=not args.no_png)
-    except ReportError as err:
+    except (ReportError, ConfigError) as err:
         report_error("report", err)
         return EXIT_USER_ERROR
     print(result["text"])

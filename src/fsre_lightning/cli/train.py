@@ -45,6 +45,8 @@ from fsre_lightning.runtime import (
     EXIT_SWEEP_FAILED,
     PreemptedError,
     call_hydra,
+    check_accelerator,
+    instantiate,
     run_or_exit,
 )
 from fsre_lightning.sweep import (
@@ -63,7 +65,7 @@ def instantiate_group(group: Mapping[str, Any] | None) -> list[Any]:
     """Instantiate every entry of a config group that maps names to `_target_` configs."""
     if not group:
         return []
-    return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
+    return [instantiate(c) for c in group.values() if c and "_target_" in c]
 
 
 def choose_monitor(cfg: DictConfig, datamodule: Any) -> None:
@@ -94,7 +96,9 @@ def print_wandb_sync_hint(trainer: pl.Trainer) -> None:
         if type(logger).__name__ == "WandbLogger" and getattr(logger.experiment, "offline",
                                                               False):
             run_path = Path(logger.experiment.dir).parent
-            Console().print(f"wandb run saved offline; to upload it: [bold]wandb sync {run_path}")
+            # soft_wrap: a path must not be broken over lines when stdout is not a terminal
+            Console().print(f"wandb run saved offline; to upload it: [bold]wandb sync {run_path}",
+                            soft_wrap=True)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
@@ -108,6 +112,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
             return find_last_checkpoint(cfg.paths.output_dir, cfg.name, exclude=cfg.paths.run_dir)
         except FileNotFoundError:
             if str(value) == "auto":
+                log.info("ckpt_path=auto: no checkpoint of name=%s yet under %s, starting fresh",
+                         cfg.name, cfg.paths.output_dir)
                 return None
             raise
     path = Path(str(value))
@@ -132,7 +138,7 @@ def build_module(cfg: DictConfig, initialised: bool) -> FSREModule:
     assert isinstance(model, dict)
     if initialised:
         model = without_imagenet_init(model)
-    return hydra.utils.instantiate(
+    return instantiate(
         model, loss=cfg.loss, eval_crop=cfg.data.eval_crop, min_depth_eval=cfg.data.min_depth_eval,
         max_depth_eval=cfg.data.max_depth_eval, _recursive_=False)
 
@@ -192,6 +198,7 @@ def finish_loggers(trainer: pl.Trainer, results: Mapping[str, Any]) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (and evaluate) as the config says; returns what metrics.json holds."""
     validate_config(cfg, "train")
+    check_accelerator(cfg.trainer.accelerator)
     apply_effective_batch(cfg)
     run_dir = Path(cfg.paths.run_dir)
     ckpt_path = resolve_ckpt_path(cfg)
@@ -213,16 +220,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.ckpt_path = str(ckpt_path)  # config.yaml records the file actually resumed
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    # Loggers too: one whose package is missing stops the run here.
+    loggers = instantiate_group(cfg.get("logger"))
+    datamodule = instantiate(cfg.data)
     # Find missing files and bad splits now, not an hour into the first epoch.
     datamodule.prepare_data()
     datamodule.setup("fit")
     choose_monitor(cfg, datamodule)
     if rank_zero_only.rank == 0:  # DDP ranks > 0 re-run this entry point into the same folder
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer: pl.Trainer = hydra.utils.instantiate(
+    trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        logger=instantiate_group(cfg.get("logger")) or False,
+        logger=loggers or False,
         # Not optional like the config's callbacks: without them a resumed run is not exact
         # and a checkpoint cannot be used without its run folder.
         callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint(),

@@ -116,17 +116,37 @@ def save_gt_depths(path: str | os.PathLike[str], depths: Sequence[np.ndarray]) -
 
 
 def load_gt_depths(path: str | os.PathLike[str]) -> list[np.ndarray]:
-    """Read `save_gt_depths`' archive (allow_pickle=False); checks the keys are complete."""
+    """Read `save_gt_depths`' archive (allow_pickle=False); checks the keys are complete.
+    Monodepth2's archive (one `data` array) is read too when it holds no pickled objects."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"ground-truth file {path} not found")
     with np.load(path, allow_pickle=False) as archive:
         keys = sorted(archive.files)
+        if keys == ["data"]:
+            return _monodepth2_gt_depths(path, archive)
         expected = [f"depth_{i:05d}" for i in range(len(keys))]
         if keys != expected:
             raise DataError(f"{path}: keys must be depth_00000..depth_{len(keys) - 1:05d}; "
                             f"found {keys[:3]}...: re-export the ground truth")
         return [archive[k] for k in keys]
+
+
+def _monodepth2_gt_depths(path: Path, archive: Any) -> list[np.ndarray]:
+    """Monodepth2's archive: one array `data` of the maps. Read when it is a plain N x H x W
+    array; its object-array form can only be unpickled, which this package never does."""
+    try:
+        data = archive["data"]
+    except ValueError as err:  # an object array: allow_pickle would be needed
+        raise DataError(
+            f"{path} is Monodepth2's gt_depths.npz with maps of different sizes, stored as "
+            "pickled objects, which are not loaded (unpickling runs code from the file). "
+            "Re-export it with `python -m fsre_lightning.export_gt data.root=<kitti raw> "
+            "split_dir=<this folder>`: it projects the scans exactly as Monodepth2 does") from err
+    if data.ndim != 3:
+        raise DataError(f"{path}: Monodepth2's 'data' array must be N x H x W, found "
+                        f"shape {data.shape}: re-export the ground truth")
+    return [np.asarray(m, dtype=np.float32) for m in data]
 
 
 # ------------------------------------------------------------------------------ file paths

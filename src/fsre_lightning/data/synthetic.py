@@ -9,7 +9,8 @@ Layout written by `generate_synthetic_kitti` under `root`:
     <DATE>/<DATE>_drive_<NNNN>_sync/poses.txt                         3 x 4 camera-to-world rows
     segmentation/<DATE>/<DATE>_drive_<NNNN>_sync/image_02/<frame:010d>.png   train ids
     splits/synthetic/{train,val,test}_files.txt, gt_depths.npz (test), gt_depths_val.npz (val)
-    synthetic.json   parameters, written last: its presence marks a complete generation
+    synthetic.json   parameters; written first with "complete": false (the folder is the
+                     generator's from then on) and again at the end, complete
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fsre_lightning.data.layout import (
     write_split,
 )
 from fsre_lightning.data.scenes import CAMERA_HEIGHT, Frame, render_drive
+from fsre_lightning.errors import DataError
 from fsre_lightning.rules import check_int
 
 __all__ = ["CAMERA_HEIGHT", "DATE", "SPLIT_NAME", "Frame", "SyntheticConfig",
@@ -84,6 +86,12 @@ def read_poses(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
+def _write_marker(marker: Path, params: dict[str, Any]) -> None:
+    tmp = marker.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(params, indent=2) + "\n")
+    os.replace(tmp, marker)
+
+
 def _clear(root: Path) -> None:
     """Remove only what the generator writes (root may hold other things)."""
     (root / "synthetic.json").unlink(missing_ok=True)
@@ -125,9 +133,11 @@ def generate_synthetic_kitti(
 ) -> Path:
     """Write the synthetic data set under root in the KITTI raw layout; returns root.
 
-    Skipped when root/synthetic.json records the same parameters; otherwise earlier
-    synthetic content is removed first. The last drive is the test split, the one before it
-    val, the rest train; split lines exclude each drive's first and last frame.
+    Skipped when root/synthetic.json records the same parameters of a complete generation;
+    otherwise earlier synthetic content is removed first. A root that exists, is not empty and
+    holds no synthetic.json (e.g. a real KITTI copy) is a DataError: nothing is written there.
+    The last drive is the test split, the one before it val, the rest train; split lines
+    exclude each drive's first and last frame.
     """
     SyntheticConfig(num_drives=num_drives, frames_per_drive=frames_per_drive, height=height,
                     width=width, seed=seed, workers=workers)
@@ -140,14 +150,23 @@ def generate_synthetic_kitti(
     marker = root / "synthetic.json"
     if marker.is_file():
         try:
-            if json.loads(marker.read_text()) == params:
-                logger.info("synthetic data at %s is up to date", root)
-                return root
+            recorded = json.loads(marker.read_text())
         except (OSError, ValueError):
-            pass
+            recorded = {}
+        if recorded.pop("complete", True) and recorded == params:
+            logger.info("synthetic data at %s is up to date", root)
+            return root
+    elif root.is_dir() and any(root.iterdir()):
+        raise DataError(
+            f"data.root={root} is not empty and was not written by the synthetic scene "
+            "generator (no synthetic.json in it), which writes only into an empty folder or one "
+            "it wrote itself. For KITTI select data=kitti; for synthetic scenes give a new or "
+            "empty folder")
     start = time.perf_counter()
     _clear(root)
     root.mkdir(parents=True, exist_ok=True)
+    # Claimed before the first frame: an interrupted generation is still recognised as ours.
+    _write_marker(marker, {**params, "complete": False})
     val_drive, test_drive = num_drives - 2, num_drives - 1
     jobs = [(str(root), i, frames_per_drive, height, width, seed, i in (val_drive, test_drive))
             for i in range(num_drives)]
@@ -170,9 +189,7 @@ def generate_synthetic_kitti(
     write_split(split_dir / "test_files.txt", lines([test_drive]))
     save_gt_depths(split_dir / GT_FILE_NAMES["val"], depths[val_drive] or [])
     save_gt_depths(split_dir / GT_FILE_NAMES["test"], depths[test_drive] or [])
-    tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, marker)  # last: its presence marks a complete generation
+    _write_marker(marker, params)  # last: it marks the generation complete
     elapsed = time.perf_counter() - start
     logger.info("generated %d synthetic drives x %d frames (%d x %d) at %s in %.1f s",
                 num_drives, frames_per_drive, height, width, root, elapsed)

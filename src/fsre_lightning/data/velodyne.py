@@ -3,8 +3,10 @@
 The projection reproduces Monodepth2's export of the Eigen test ground truth exactly: float64
 maths on the float32 scans, the devkit's 1-based pixel convention (round, then minus one), the
 nearest point winning where several land on one pixel, and the point's velodyne x as depth.
-A missing or malformed file is a DataError naming it. `export_gt_depths` writes a split's
-maps into the archive the data module and `evaluate` read.
+A missing or malformed file is a DataError naming it: a scan that is empty, truncated, holds
+non-finite or out-of-range coordinates (not a velodyne scan), or has no point inside the
+camera's image is rejected when the ground truth is exported, never scored as an empty map.
+`export_gt_depths` writes a split's maps into the archive the data module and `evaluate` read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from fsre_lightning.errors import DataError
 
 _FLOAT_CHARS = set("0123456789.e+- ")
 _POINT_BYTES = 16  # four float32 per velodyne point
+# The HDL-64E measures up to 120 m: a coordinate beyond this is not a return of the sensor
+# (random bytes read as float32 give values up to 3e38).
+MAX_RANGE_M = 200.0
 
 
 def read_calib_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray | str]:
@@ -98,7 +103,18 @@ def load_velodyne_points(path: str | os.PathLike[str]) -> np.ndarray:
             "(float32 x, y, z, reflectance per point): the file is truncated or not a KITTI "
             "scan; re-extract it from the raw data archive"
         )
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    if size == 0:
+        raise DataError(f"velodyne scan {path} is empty (0 bytes): re-extract it from the raw "
+                        "data archive")
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    xyz = points[:, :3]
+    bad = ~np.isfinite(xyz).all(axis=1) | (np.abs(xyz) > MAX_RANGE_M).any(axis=1)
+    if bad.any():
+        raise DataError(
+            f"velodyne scan {path}: {int(bad.sum())} of {len(points)} points are not finite or "
+            f"lie beyond {MAX_RANGE_M:.0f} m, which the sensor cannot measure: the file is "
+            "damaged or not a KITTI scan; re-extract it from the raw data archive")
+    return points
 
 
 def project_velodyne(points: np.ndarray, velo_to_image: np.ndarray,
@@ -128,9 +144,15 @@ def project_velodyne(points: np.ndarray, velo_to_image: np.ndarray,
 
 def velodyne_depth(calib_dir: str | os.PathLike[str], velo_path: str | os.PathLike[str],
                    cam: int = 2) -> np.ndarray:
-    """Ground-truth depth of one frame at the camera's native rectified resolution."""
+    """Ground-truth depth of one frame at the camera's native rectified resolution; a scan
+    with no point inside the image is a DataError (an empty map would silently not count)."""
     velo_to_image, size = velodyne_to_image(calib_dir, cam)
-    return project_velodyne(load_velodyne_points(velo_path), velo_to_image, size)
+    depth = project_velodyne(load_velodyne_points(velo_path), velo_to_image, size)
+    if not depth.any():
+        raise DataError(f"velodyne scan {velo_path}: no point falls inside camera {cam}'s "
+                        f"{size[1]} x {size[0]} image (calibration {calib_dir}): the scan "
+                        "or the calibration belongs to another drive, or the scan is damaged")
+    return depth
 
 
 def export_gt_depths(root: str | os.PathLike[str], split_file: str | os.PathLike[str],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from fsre_lightning.errors import UserError
+from fsre_lightning.errors import DataError, UserError
 from fsre_lightning.rules import check_choice, is_int, require
 
 _logger = logging.getLogger(__name__)
@@ -56,6 +57,14 @@ def check_image_size(key: str, value: Any) -> None:
     require(is_int(value) and value > 0 and value % SIZE_DIVISOR == 0, key, value,
             f"the image size must be a positive multiple of {SIZE_DIVISOR} (the encoder "
             f"downsamples {SIZE_DIVISOR}x)")
+
+
+def check_encoder(key: str, value: Any) -> None:
+    """A timm architecture name (with or without a weight tag): known before anything is
+    built, so a typo stops the run before data preparation, not inside timm."""
+    require(isinstance(value, str) and ":" not in value and timm.is_model(value), key, value,
+            "a timm architecture name such as 'resnet18.tv_in1k' or 'resnet50' "
+            "(timm.list_models() lists them)")
 
 
 def check_pretrained(key: str, value: Any) -> None:
@@ -226,7 +235,16 @@ def create_feature_model(
         path = found
     _logger.info("Loading ImageNet weights for %s from %s", name, path)
     with _hf_offline():
-        return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        try:
+            return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as err:
+            # torch's own message ("retry with weights_only=False") names neither the file nor
+            # the model whose weights it should hold.
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"{path} cannot be loaded as ImageNet weights of encoder '{name}' "
+                            f"({type(err).__name__}: {detail}): give the classification "
+                            "model's checkpoint of this architecture (.pth, .bin or "
+                            ".safetensors), or pretrained=false") from err
 
 
 class FeatureEncoder(nn.Module):

@@ -29,7 +29,12 @@ from fsre_lightning.models.decoder import (
     MonodepthDecoder,
     check_scales,
 )
-from fsre_lightning.models.encoder import SIZE_DIVISOR, build_encoder, check_pretrained
+from fsre_lightning.models.encoder import (
+    SIZE_DIVISOR,
+    build_encoder,
+    check_encoder,
+    check_pretrained,
+)
 
 CMA_TARGETS = ("depth", "seg")
 
@@ -52,8 +57,7 @@ class NetworkConfig:
     weights_path: str | None = None
 
     def __post_init__(self) -> None:
-        rules.require(isinstance(self.encoder, str) and bool(self.encoder), "encoder",
-                      self.encoder, "a timm model name, e.g. resnet18.tv_in1k")
+        check_encoder("encoder", self.encoder)
         check_pretrained("pretrained", self.pretrained)
         rules.check_path("weights_path", self.weights_path, nullable=True)
         rules.check_int("num_classes", self.num_classes, lo=1)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fsre_lightning.geometry import transformation_from_parameters
-from fsre_lightning.models.encoder import build_encoder, check_pretrained
+from fsre_lightning.models.encoder import build_encoder, check_encoder, check_pretrained
 from fsre_lightning.rules import arguments, check_path, is_number, require
 
 # Keeps the initial motion estimates near identity (Monodepth2).
@@ -40,8 +40,7 @@ class PoseNetworkConfig:
     init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
     def __post_init__(self) -> None:
-        require(isinstance(self.encoder, str) and bool(self.encoder), "encoder", self.encoder,
-                "a timm model name, e.g. resnet18.tv_in1k")
+        check_encoder("encoder", self.encoder)
         check_pretrained("pretrained", self.pretrained)
         check_path("weights_path", self.weights_path, nullable=True)
         t = self.init_translation
