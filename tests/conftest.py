@@ -7,9 +7,10 @@ sweeps, export, the command lines); `make test-fast` (pytest -m "not slow") is t
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,18 @@ from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, 
 # Tests never download: the Hugging Face hub is offline for the suite and every command it
 # starts (a download test mocks the hub).
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A command run in-process (Hydra) configures logging with handlers on this test's capture
+    streams; later tests would log into closed streams ("--- Logging error ---")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -191,6 +192,106 @@ def test_sigterm_saves_last_checkpoint_and_exits_with_a_resume_hint(
     assert "Traceback" not in stderr
     assert int(_load(last)["global_step"]) >= step
     assert not list(last.parent.glob("*.tmp"))
+
+
+# ---------------------------------------------------------- signals to the process group
+# Two epochs of three steps, two DataLoader workers (the cluster case), a checkpoint after
+# every step (so an external kill has something to wait for).
+WORKERS = ["data.num_workers=2", "trainer.max_steps=6", "trainer.max_epochs=2",
+           "callbacks.last_checkpoint.every_n_train_steps=1"]
+FAULT = "+callbacks.fault._target_=fsre_lightning.testing.signals.SignalAt"
+
+
+def _group_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A run in its own session: a signal to its process group reaches it and its workers
+    only."""
+    return subprocess.run(_command(args), env=env, capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env: dict[str, str]) -> dict[str, Any]:
+    run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "straight"
+    result = _group_run([*WORKERS, "name=workers", f"hydra.run.dir={run_dir}"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _load(run_dir / "checkpoints" / "last.ckpt")
+
+
+def _interrupt_then_resume(env: dict[str, str], name: str, fault: list[str], signum: int,
+                           reference: dict[str, Any]) -> int:
+    """The run, signalled by `fault`, ends with 128 + signum, the one-line message and a
+    loadable last.ckpt; resuming from it ends bit-identical to `reference`. Returns the step
+    the interrupted run stopped at."""
+    first = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / f"{name}_first"
+    result = _group_run([*WORKERS, "name=workers", f"hydra.run.dir={first}", *fault], env)
+    word = "preempted (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+    assert result.returncode == 128 + signum, result.stderr[-3000:]
+    assert word in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = first / "checkpoints" / "last.ckpt"
+    stopped_at = int(_load(last)["global_step"])
+    assert not list(last.parent.glob(".*.tmp"))
+    second = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / f"{name}_second"
+    resumed = _group_run([*WORKERS, "name=workers", f"ckpt_path={last}",
+                          f"hydra.run.dir={second}"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _load(second / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == reference["global_step"] == 6
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        _assert_same(reference[key], got[key], key)
+    return stopped_at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", range(5))
+def test_sigterm_to_the_group_with_workers_resumes_bit_identical(
+        env: dict[str, str], uninterrupted: dict[str, Any], step: int) -> None:
+    """Signalled as each of the first five of six steps starts (epoch 0 and epoch 1): the step
+    finishes, then the run stops (it used to die on its killed workers, sometimes without a
+    last.ckpt)."""
+    stopped = _interrupt_then_resume(env, f"term{step}", [FAULT, f"+callbacks.fault.step={step}"],
+                                     signal.SIGTERM, uninterrupted)
+    assert stopped == step + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signame", "during"), [("SIGINT", "train"), ("SIGTERM", "validation"),
+                                                 ("SIGINT", "validation")])
+def test_ctrl_c_and_signals_during_validation_resume_bit_identical(
+        env: dict[str, str], uninterrupted: dict[str, Any], signame: str, during: str) -> None:
+    """Ctrl-C used to save the half-done step (BatchNorm statistics of a batch never stepped
+    on); a signal during the end-of-epoch validation stopped it midway."""
+    fault = [FAULT, "+callbacks.fault.step=2", f"+callbacks.fault.signum={signame}",
+             f"+callbacks.fault.during={during}"]
+    stopped = _interrupt_then_resume(env, f"{signame}_{during}", fault,
+                                     getattr(signal, signame), uninterrupted)
+    assert stopped == 3  # after step 3 (train) or the validation at the end of epoch 0
+
+
+@pytest.mark.slow
+def test_an_external_sigterm_at_a_random_moment_resumes_bit_identical(
+        env: dict[str, str], uninterrupted: dict[str, Any]) -> None:
+    """`kill -TERM -- -<pgid>` from outside, whenever it lands (no hook picks the moment)."""
+    first = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "external_first"
+    proc = subprocess.Popen(_command([*WORKERS, "name=workers", f"hydra.run.dir={first}"]),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_checkpoint(proc, first / "checkpoints" / "last.ckpt", 2)
+        time.sleep(random.Random(7).uniform(0.0, 0.5))
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "preempted (SIGTERM)" in stderr and "Traceback" not in stderr
+    second = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "external_second"
+    resumed = _group_run([*WORKERS, "name=workers",
+                          f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+                          f"hydra.run.dir={second}"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _load(second / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        _assert_same(uninterrupted[key], got[key], key)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,79 @@ from fsre_lightning.nonfinite import NonFiniteLossError
 log = logging.getLogger(__name__)
 
 
-class CheckpointOnInterrupt(pl.Callback):
-    """Write `<dirpath>/last.ckpt` when training is interrupted (Ctrl-C, SIGTERM) or crashes.
+class TrainingStopped(Exception):  # noqa: N818 - a stop on request, not an error
+    """Training stopped at a step boundary on a signal; `path` holds the state of that step."""
 
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class StopAtStepBoundary(pl.Callback):
+    """SIGTERM (preemption, `timeout`, `docker stop`) or a first Ctrl-C during training: the
+    step or validation in progress finishes, `<dirpath>/last.ckpt` is written at that boundary
+    and training ends with TrainingStopped. A second Ctrl-C stops at once, without a save.
+
+    A checkpoint taken where the signal lands would hold a half-done step (BatchNorm statistics
+    of a batch the optimiser never stepped on, a data position past it), so a resumed run would
+    differ from an uninterrupted one. DataLoader workers ignore these signals
+    (`data.resumable.ignore_stop_signals`), so that a signal sent to the whole process group
+    does not kill them mid-batch.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        super().__init__()
+        self.path = Path(dirpath) / filename
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning's own SIGTERM handler (registered when fit starts), which would stop
+        # in the middle of a validation.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        if self.signum is None:
+            self.signum = signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After an epoch's last batch Lightning has not closed the epoch yet (its validation,
+        # the epoch counters): a checkpoint here does not resume exactly. The stop waits for
+        # the validation's or the epoch's end.
+        if batch_idx + 1 < trainer.num_training_batches:
+            self._stop_if_asked(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop_if_asked(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_asked(trainer)
+
+    def _stop_if_asked(self, trainer: pl.Trainer) -> None:
+        if self.signum is None:
+            return
+        trainer.save_checkpoint(self.path)
+        raise TrainingStopped(self.signum, trainer.global_step, self.path)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class CheckpointOnInterrupt(pl.Callback):
+    """Write `<dirpath>/last.ckpt` when training crashes, or when Lightning's own SIGTERM
+    handler stopped it (a signal before `StopAtStepBoundary` took over, at a step's end).
+
+    The state of a crash is the crash's, mid-step: resuming from it continues, not exactly.
     Lightning's OnExceptionCheckpoint deletes its file again at teardown; here the file stays,
-    so `ckpt_path=<dirpath>/last.ckpt` resumes the interrupted run.
+    so `ckpt_path=<dirpath>/last.ckpt` resumes the run.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
@@ -33,8 +103,10 @@ class CheckpointOnInterrupt(pl.Callback):
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return
         # model.nonfinite=stop: the state at hand produced NaN/inf; the last good checkpoint
-        # on disk must not be overwritten by it.
-        if isinstance(exception, NonFiniteLossError):
+        # on disk must not be overwritten by it. A stop at a step boundary has saved already;
+        # an immediate Ctrl-C lands mid-step, whose state a resumed run could not continue
+        # exactly: the last boundary's checkpoint stays.
+        if isinstance(exception, NonFiniteLossError | TrainingStopped | KeyboardInterrupt):
             return
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:

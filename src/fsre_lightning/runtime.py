@@ -47,7 +47,12 @@ OmegaConf.register_new_resolver("fsre_run_id", lambda: secrets.token_hex(3), use
 
 
 class PreemptedError(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint; the message says how to resume."""
+    """Training stopped on a signal after saving a checkpoint; the message says how to resume.
+    `status`: the command's exit status, 128 + the signal (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, status: int = PREEMPTED_EXIT_CODE) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def report_error(command: str, message: object) -> None:
@@ -63,7 +68,7 @@ def exit_status(command: str, err: BaseException) -> int | None:
         return EXIT_USER_ERROR
     if isinstance(err, PreemptedError):
         print(f"fsre_lightning.{command}: {err}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return err.status
     if isinstance(err, SIGTERMException):
         # Lightning raises it (a SystemExit with status 0) when SIGTERM arrives during a
         # validation outside fit: still a preemption, not a success.

@@ -159,13 +159,13 @@ def run_member(command: str, job: Callable[[Any], Any], cfg: Any, run_dir: str |
     Ctrl-C and preemption are not failures of a member: they stop the whole sweep, with the
     exit status a single run has.
     """
-    from fsre_lightning.runtime import PREEMPTED_EXIT_CODE, exit_status
+    from fsre_lightning.runtime import PREEMPTED_EXIT_CODE, PreemptedError, exit_status
 
     try:
         return job(cfg)
     except (Exception, SystemExit) as err:
         status = exit_status(command, err)  # prints the one line of a user error
-        if status == PREEMPTED_EXIT_CODE:
+        if isinstance(err, PreemptedError) or status == PREEMPTED_EXIT_CODE:
             sys.exit(status)
         if status is None:
             log.exception("sweep member %s crashed", Path(run_dir).name)

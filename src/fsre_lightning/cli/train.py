@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import math
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from fsre_lightning.callbacks import CheckpointOnInterrupt, DescribeTraining, RNGStateCheckpoint
+from fsre_lightning.callbacks import (
+    CheckpointOnInterrupt,
+    DescribeTraining,
+    RNGStateCheckpoint,
+    StopAtStepBoundary,
+    TrainingStopped,
+)
 from fsre_lightning.checkpointing import (
     WANDB_RUN_KEY,
     AtomicCheckpointIO,
@@ -235,7 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # Not optional like the config's callbacks: without them a resumed run is not exact
         # and a checkpoint cannot be used without its run folder.
         callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint(),
-                   DescribeTraining()],
+                   DescribeTraining(), StopAtStepBoundary(run_dir / "checkpoints")],
         plugins=trainer_plugins(),
     )
     try:
@@ -266,7 +273,12 @@ def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
     try:
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(ckpt_path) if ckpt_path else None, **fit_kwargs)
-    except SIGTERMException as err:
+    except TrainingStopped as err:
+        how = "preempted (SIGTERM)" if err.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        raise PreemptedError(f"{how} at step {err.step}, after its step or validation ended; "
+                             f"resume exactly with ckpt_path={err.path} (or ckpt_path=last "
+                             f"name={cfg.name})", status=128 + err.signum) from err
+    except SIGTERMException as err:  # before training started: Lightning's own handler
         saved = [cb.path for cb in trainer.callbacks
                  if isinstance(cb, CheckpointOnInterrupt) and cb.path.is_file()]
         hint = (f"resume with ckpt_path={saved[0]} (or ckpt_path=last name={cfg.name})"

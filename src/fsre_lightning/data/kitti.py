@@ -60,7 +60,11 @@ from fsre_lightning.data.layout import (
     read_split,
     resolve_images,
 )
-from fsre_lightning.data.resumable import ResumableDataLoader
+from fsre_lightning.data.resumable import (
+    ResumableDataLoader,
+    ignore_stop_signals,
+    shutdown_workers,
+)
 from fsre_lightning.data.synthetic import SyntheticConfig, generate_synthetic_kitti
 from fsre_lightning.errors import DataError
 from fsre_lightning.metrics import EVAL_CROPS
@@ -216,6 +220,7 @@ class KittiDataModule(pl.LightningDataModule):
         self.height, self.width = height, width
         self.frame_ids = [int(f) for f in frame_ids]
         self.batch_size, self.num_workers = batch_size, num_workers
+        self._loaders: list[DataLoader] = []  # to shut their workers down at teardown
         self.img_ext, self.use_labels, self.label_format = img_ext, use_labels, label_format
         self.flip_prob = flip_prob
         self.intrinsics = tuple(intrinsics)
@@ -395,16 +400,36 @@ class KittiDataModule(pl.LightningDataModule):
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.num_workers > 0,
             "collate_fn": collate,
+            # SIGTERM/SIGINT to the process group must not kill a worker mid-batch: the main
+            # process stops at a step boundary and shuts its workers down.
+            "worker_init_fn": ignore_stop_signals if self.num_workers > 0 else None,
         }
         if shuffle:
             # Order and flips a function of (seed, epoch, sample): a killed run resumes exactly.
             # The seed is the one pl.seed_everything set (torch's initial seed).
-            return ResumableDataLoader(self.datasets[split], seed=torch.initial_seed(),
-                                       drop_last=True, **common)
-        # Own generator: iterating a validation loader must not consume the global torch RNG,
-        # or training after a mid-epoch validation would differ from a resumed run's.
-        return DataLoader(self.datasets[split], shuffle=False, drop_last=False,
-                          generator=torch.Generator(), **common)
+            loader: DataLoader = ResumableDataLoader(
+                self.datasets[split], seed=torch.initial_seed(), drop_last=True, **common)
+        else:
+            # Own generator: iterating a validation loader must not consume the global torch
+            # RNG, or training after a mid-epoch validation would differ from a resumed run's.
+            loader = DataLoader(self.datasets[split], shuffle=False, drop_last=False,
+                                generator=torch.Generator(), **common)
+        self._loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        self._shut_workers_down()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # A stop on a signal or a crash: Lightning calls this, not teardown.
+        self._shut_workers_down()
+
+    def _shut_workers_down(self) -> None:
+        # Persistent workers outlive a SIGTERM for a while (ignore_stop_signals): end them
+        # when fit or validate ends, however it ends, or the interpreter's exit waits for them.
+        for loader in self._loaders:
+            shutdown_workers(loader)
+        self._loaders.clear()
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

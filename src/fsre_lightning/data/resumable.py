@@ -16,6 +16,8 @@ epoch, so a resumed run drifts away from the uninterrupted one. Here:
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -170,3 +172,37 @@ class ResumableDataLoader(DataLoader):
         self.epoch_sampler.resume_at(int(state["epoch"]), int(state["batches"]) * int(
             self.batch_size or 1))
         self.batches_served = int(state["batches"])
+
+
+# How long a DataLoader worker keeps serving after a SIGTERM to its process group: time for
+# the main process to finish its step, save and shut its workers down. (A worker that ignored
+# SIGTERM for good would hang the interpreter's exit, which stops workers with SIGTERM.)
+WORKER_SIGTERM_GRACE_S = 30
+
+
+def _sigterm_later(signum: int, frame: Any) -> None:
+    remaining = signal.alarm(WORKER_SIGTERM_GRACE_S)
+    if remaining:  # the first SIGTERM started the clock: keep its deadline
+        signal.alarm(remaining)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: SIGINT and SIGTERM are the main process's to handle (it
+    stops at a step boundary and then shuts the workers down). A SIGTERM only starts a grace
+    period (`WORKER_SIGTERM_GRACE_S`) after which the worker ends itself. Lightning's worker
+    seeding still runs when `seed_everything(workers=True)` asked for it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _sigterm_later)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop a loader's (persistent) worker processes now, the way the loader itself does."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if iterator is not None:
+        loader._iterator = None
