@@ -21,7 +21,6 @@ import json
 import math
 import os
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import yaml
 
 from fsre_lightning.errors import UserError
 from fsre_lightning.metrics import REPORTED_METRICS
-from fsre_lightning.sweep import FAILURE_FILE, read_failure
+from fsre_lightning.sweep import member_folders, read_failure
 
 METRICS = REPORTED_METRICS
 HEADERS: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",
@@ -146,18 +145,6 @@ def parse_overrides(lines: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _is_member(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in (
-        "metrics.json", FAILURE_FILE, ".hydra/overrides.yaml"))
-
-
-def _members_of(sweep: Path) -> list[Path]:
-    def order(p: Path) -> tuple[int, str]:
-        return (int(p.name), "") if p.name.isdigit() else (sys.maxsize, p.name)
-
-    return sorted((p for p in sweep.iterdir() if _is_member(p)), key=order)
-
-
 def outputs_dir() -> Path:
     return Path(os.environ.get("FSRE_OUTPUT_DIR", "outputs"))
 
@@ -166,9 +153,9 @@ def find_sweep(source: str, outputs: Path | None = None) -> Path:
     """The sweep folder named by `source` (see the module docstring)."""
     path = Path(source)
     if path.is_dir():
-        if _members_of(path):
+        if member_folders(path):
             return path
-        sweeps = sorted(p for p in path.iterdir() if p.is_dir() and _members_of(p))
+        sweeps = sorted(p for p in path.iterdir() if p.is_dir() and member_folders(p))
         if sweeps:
             return sweeps[-1]  # folder names are start times: the newest sorts last
         raise ReportError(f"{path}: no sweep members (folders with metrics.json) in it or in "
@@ -342,7 +329,7 @@ def bar_chart(path: Path, experiment: str, rows: Sequence[Row]) -> None:
 def report(sweep: Path, out: Path | None = None, stage: str = "after",
            png: bool = True) -> dict[str, Any]:
     """Write report.md, report.csv (and abs_rel.png) for one sweep; returns what it wrote."""
-    paths = _members_of(sweep)
+    paths = member_folders(sweep)
     loaded = [(p, load_member(p, stage)) for p in paths]
     members = [m for _, m in loaded if m is not None]
     unfinished = [(p, read_failure(p)) for p, m in loaded if m is None]

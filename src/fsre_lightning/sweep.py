@@ -132,6 +132,22 @@ def record_failure(run_dir: str | Path, command: str, err: BaseException) -> dic
     return record
 
 
+def member_folders(sweep_dir: str | Path) -> list[Path]:
+    """The member folders of a sweep (finished, failed or started), in sweep order."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []
+
+    def is_member(path: Path) -> bool:
+        return path.is_dir() and any((path / name).is_file() for name in (
+            "metrics.json", FAILURE_FILE, ".hydra/overrides.yaml"))
+
+    def order(path: Path) -> tuple[int, str]:
+        return (int(path.name), "") if path.name.isdigit() else (sys.maxsize, path.name)
+
+    return sorted((p for p in sweep_dir.iterdir() if is_member(p)), key=order)
+
+
 def read_failure(member_dir: str | Path) -> dict[str, Any] | None:
     """A member's failure record, or None when it did not fail."""
     path = Path(member_dir) / FAILURE_FILE
@@ -184,10 +200,7 @@ class SweepOutcome(HydraCallback):
         failed_members.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        members = sorted((p for p in sweep_dir.iterdir() if p.is_dir()),
-                         key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit()
-                                        else 0, p.name)) if sweep_dir.is_dir() else []
+        members = member_folders(str(config.hydra.sweep.dir))
         failed_members[:] = [{"member": str(p), **record} for p in members
                              if (record := read_failure(p)) is not None]
         if not failed_members:
