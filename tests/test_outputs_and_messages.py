@@ -134,3 +134,11 @@ def test_unwritable_outputs_stop_before_the_work(tmp_path: Path, capsys, monkeyp
         assert len(lines) == 1 and fragment in lines[0], err
         assert "Traceback" not in err
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("report.md"))
+
+
+def test_one_line_of_a_library_error() -> None:
+    from fsre_lightning.errors import first_line
+
+    advice = RuntimeError("\n  Weights only load failed.\nRetry with weights_only=False ...")
+    assert first_line(advice) == "Weights only load failed."
+    assert first_line(EOFError()) == "EOFError"  # no message: its type says what happened

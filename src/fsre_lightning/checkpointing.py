@@ -25,7 +25,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from fsre_lightning.cityscapes import CLASS_NAMES
-from fsre_lightning.errors import UserError
+from fsre_lightning.errors import UserError, first_line
 
 # How many keys of each kind an error message lists before it says "... and N more".
 MAX_KEYS_SHOWN = 8
@@ -123,7 +123,7 @@ def load_checkpoint_weights_only(path: str | os.PathLike[str]) -> dict[str, Any]
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise CheckpointMismatchError(
             f"{path} cannot be read as a weights-only PyTorch checkpoint "
-            f"({type(err).__name__}: {str(err).splitlines()[0]}); is it truncated or not "
+            f"({type(err).__name__}: {first_line(err)}); is it truncated or not "
             "written by fsre_lightning.train?") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no state_dict)")

@@ -44,6 +44,15 @@ class DataError(UserError):
     """The data on disk does not match the config: missing files, empty or malformed splits."""
 
 
+def first_line(err: BaseException) -> str:
+    """What a one-line report quotes of a library's exception: the first non-empty line of its
+    message (torch and timm add pages of advice), or the exception type's name."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ConfigError(key, value, allowed) unless `ok`: the form every range rule takes."""
     if not ok:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from fsre_lightning.errors import ConfigError, UserError
+from fsre_lightning.errors import ConfigError, UserError, first_line
 
 # The Hydra config groups ship inside the package, so an installed wheel finds them; users add
 # their own groups with --config-dir or hydra.searchpath, or replace them all by
@@ -131,9 +131,8 @@ def instantiate(config: Any, **kwargs: Any) -> Any:
             raise cause from None
         if isinstance(cause, ModuleNotFoundError | ImportError):
             target = config.get("_target_") if hasattr(config, "get") else None
-            first_line = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
             raise UserError(f"{target or 'a config target'} needs a package that is not "
-                            f"installed ({first_line}); install the optional extra that "
+                            f"installed ({first_line(cause)}); install the optional extra that "
                             "provides it (pyproject.toml [project.optional-dependencies], e.g. "
                             "pip install 'fsre-lightning[tensorboard]')") from None
         raise

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fsre_lightning.errors import ConfigError
+from fsre_lightning.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def record_failure(run_dir: str | Path, command: str, err: BaseException) -> dic
         overrides += list(hydra_cfg.overrides.task)
     record = {
         "command": command,
-        "error": str(err).splitlines()[0] if str(err) else type(err).__name__,
+        "error": first_line(err),
         "type": type(err).__name__,
         "overrides": [str(o) for o in overrides],
         "rerun": rerun_command(command, [str(o) for o in overrides]),

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from fsre_lightning.data.decode import read_rgb, resize_rgb, rgb_to_tensor
 from fsre_lightning.data.layout import IMAGE_EXTENSIONS
-from fsre_lightning.errors import DataError
+from fsre_lightning.errors import DataError, first_line
 from fsre_lightning.inference.model import InferenceModel
 from fsre_lightning.inference.scale import camera_height_scale, ground_mask
 from fsre_lightning.visualize import (
@@ -65,8 +65,7 @@ def open_video(path: Path) -> tuple[Any, float, int | None]:
         reader = iio.get_reader(path, format="FFMPEG")
         meta = reader.get_meta_data()
     except Exception as err:  # imageio/ffmpeg raise OSError, RuntimeError, IndexError, ...
-        raise DataError(f"cannot read video {path}: {type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''} "
+        raise DataError(f"cannot read video {path}: {type(err).__name__}: {first_line(err)} "
                         "(not a video, truncated, or a codec ffmpeg lacks)") from err
     fps = float(meta.get("fps") or DEFAULT_FPS)
     duration = meta.get("duration")

@@ -36,7 +36,7 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from fsre_lightning.errors import DataError, UserError
+from fsre_lightning.errors import DataError, UserError, first_line
 from fsre_lightning.rules import check_choice, is_int, require
 
 _logger = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ def _download_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, str]
         try:
             return Path(hf_hub_download(repo_id, name, revision=revision or None)), ""
         except Exception as err:  # no network, proxy, 404, ...: each is reported by name
-            failures.append(f"{repo_id}/{name}: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}")
+            failures.append(f"{repo_id}/{name}: {type(err).__name__}: {first_line(err)}")
     return None, "the download failed (" + "; ".join(failures) + ")"
 
 
@@ -240,9 +239,8 @@ def create_feature_model(
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as err:
             # torch's own message ("retry with weights_only=False") names neither the file nor
             # the model whose weights it should hold.
-            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DataError(f"{path} cannot be loaded as ImageNet weights of encoder '{name}' "
-                            f"({type(err).__name__}: {detail}): give the classification "
+                            f"({type(err).__name__}: {first_line(err)}): give the classification "
                             "model's checkpoint of this architecture (.pth, .bin or "
                             ".safetensors), or pretrained=false") from err
 
