@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +174,9 @@ POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(module_tmp: Callable[[str], Path]) -> Path:
     """A run folder: a randomly initialised model's checkpoint and the run's config.yaml."""
-    run_dir = tmp_path_factory.mktemp("run")
+    run_dir = module_tmp("run")
     torch.manual_seed(0)
     module = FSREModule(network=NETWORK, pose_network=POSE, image_log_every_n_steps=0)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,

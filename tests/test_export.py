@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from fsre_lightning.testing.checkpoints import make_mismatched, make_run
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"))
+def ckpt(module_tmp: Callable[[str], Path]) -> Path:
+    return make_run(module_tmp("run"))
 
 
 def _cfg(tmp_path: Path, overrides: list[str]):

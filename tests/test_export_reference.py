@@ -5,6 +5,7 @@ checkpoints, networks and folders it cannot export."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,9 @@ def with_trained_statistics(ckpt: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fsre_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fsre_ckpt(module_tmp: Callable[[str], Path]) -> Path:
     """The full model (CMA at s = 4, 3, 2, the paper's attention scaling) trained at 64 x 192."""
-    return with_trained_statistics(make_run(tmp_path_factory.mktemp("fsre_run")))
+    return with_trained_statistics(make_run(module_tmp("fsre_run")))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +114,14 @@ def test_predict_needs_the_seg_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_segformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_segformer(module_tmp: Callable[[str], Path]) -> Path:
     transformers = pytest.importorskip("transformers")
     config = transformers.SegformerConfig(
         num_channels=3, num_encoder_blocks=4, depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1],
         hidden_sizes=[8, 16, 16, 16], num_attention_heads=[1, 1, 1, 1],
         decoder_hidden_size=16, num_labels=19)
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("segformer")
+    folder = module_tmp("segformer")
     transformers.SegformerForSemanticSegmentation(config).save_pretrained(folder)
     return folder
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,9 +78,9 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def cma_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FSRENetwork, PoseNetwork]:
+def cma_release(module_tmp: Callable[[str], Path]) -> tuple[Path, FSRENetwork, PoseNetwork]:
     """An FSRE-Depth-layout folder (CMA at s = 4, 3, 2, H = 4, r = 2) at 64 x 192."""
-    folder = tmp_path_factory.mktemp("fsre_release")
+    folder = module_tmp("fsre_release")
     depth = make_depth(attention_scale="reference")
     pose = make_pose()
     save_reference_release(depth, pose, folder, *SIZE)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,10 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(module_tmp: Callable[[str], Path]) -> dict[str, str]:
     # One data folder for the module: the synthetic scenes and frame caches are made once,
     # here, before training runs that overlap could race to build them.
-    root = tmp_path_factory.mktemp("resume")
+    root = module_tmp("resume")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*TINY, f"paths.root_dir={root}",
                                           f"paths.data_dir={root / 'data'}"])
@@ -110,6 +111,13 @@ def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int,
         time.sleep(0.1)
     output = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
     raise AssertionError(f"no checkpoint of step >= {min_step} at {path}: {output[-3000:]}")
+
+
+def _discard(*run_dirs: Path) -> None:
+    """Remove the run folders of a passed comparison: each holds ~300 MB checkpoints, and the
+    module's folder lives to its end (a failed comparison raises first and keeps them)."""
+    for run_dir in run_dirs:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _assert_same(a: Any, b: Any, where: str) -> None:
@@ -170,6 +178,7 @@ def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(
     module = FSREModule.load_from_checkpoint(second / "checkpoints" / "last.ckpt",
                                              map_location="cpu", weights_only=True)
     assert not module.has_segmentation
+    _discard(straight.parent, first.parent)
 
 
 @pytest.mark.slow
@@ -192,6 +201,7 @@ def test_sigterm_saves_last_checkpoint_and_exits_with_a_resume_hint(
     assert "Traceback" not in stderr
     assert int(_load(last)["global_step"]) >= step
     assert not list(last.parent.glob("*.tmp"))
+    _discard(run_dir)
 
 
 # ---------------------------------------------------------- signals to the process group
@@ -214,7 +224,9 @@ def uninterrupted(env: dict[str, str]) -> dict[str, Any]:
     run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "straight"
     result = _group_run([*WORKERS, "name=workers", f"hydra.run.dir={run_dir}"], env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return _load(run_dir / "checkpoints" / "last.ckpt")
+    reference = _load(run_dir / "checkpoints" / "last.ckpt")
+    _discard(run_dir)
+    return reference
 
 
 def _interrupt_then_resume(env: dict[str, str], name: str, fault: list[str], signum: int,
@@ -238,6 +250,7 @@ def _interrupt_then_resume(env: dict[str, str], name: str, fault: list[str], sig
     assert got["global_step"] == reference["global_step"] == 6
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
         _assert_same(reference[key], got[key], key)
+    _discard(first, second)
     return stopped_at
 
 
@@ -292,6 +305,7 @@ def test_an_external_sigterm_at_a_random_moment_resumes_bit_identical(
     got = _load(second / "checkpoints" / "last.ckpt")
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
         _assert_same(uninterrupted[key], got[key], key)
+    _discard(first, second)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(
