@@ -208,6 +208,9 @@ def test_evaluate_scores_every_test_frame(tmp_path: Path, tiny_run: Path) -> Non
     assert (settings["height"], settings["width"]) == (64, 192)
     assert settings["crop"] == "none" and not settings["post_process"]
     assert "miou" not in written
+    # Only the test split was read: no train/val cache was built (a corrupt training frame
+    # or a 15-20 GB KITTI cache build must not stand between a checkpoint and its score).
+    assert not (tmp_path / "data" / "cache").exists()
 
 
 @pytest.mark.slow
@@ -257,3 +260,4 @@ def test_cli_with_post_processing_and_semantics(tmp_path: Path, tiny_run: Path,
     missing = command("evaluate", [f"ckpt_path={tmp_path / 'missing.ckpt'}", *TINY_DATA])
     assert missing.returncode == 2 and "missing.ckpt" in missing.stderr
     assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "outputs").exists()  # the metrics go beside the checkpoint

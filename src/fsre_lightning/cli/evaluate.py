@@ -47,7 +47,7 @@ def build_test_datamodule(cfg: DictConfig, height: int, width: int) -> KittiData
     """The data config's test split, with its ground truth, resized to the network input."""
     datamodule: KittiDataModule = hydra.utils.instantiate(cfg.data, height=height, width=width)
     split_file = datamodule.split_dir / f"{datamodule.splits['test']}_files.txt"
-    datamodule.prepare_data()
+    datamodule.prepare_data(splits=())
     if not split_file.is_file():
         raise DataError(f"test split {split_file} not found: set data.split_dir to the folder "
                         "holding test_files.txt and gt_depths.npz (for KITTI, Monodepth2's "
@@ -134,4 +134,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.evaluate ckpt_path=... [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv)
+    return call_hydra(_hydra_main, argv, entry="evaluate")

@@ -245,8 +245,9 @@ class KittiDataModule(pl.LightningDataModule):
         self.skipped_samples: set[str] = set()  # split lines ("<folder> <frame> <side>")
 
     # ------------------------------------------------------------------ setup
-    def prepare_data(self) -> None:
-        """Generate the synthetic scenes, then build the train/val caches (once per node).
+    def prepare_data(self, splits: Sequence[str] = ("train", "val")) -> None:
+        """Generate the synthetic scenes, then build the caches of `splits` (once per node;
+        evaluation passes none: a test score must not wait for, or fail on, training frames).
 
         `setup` only opens the caches; it builds them too when prepare_data did not run (a
         file lock makes concurrent builders wait for one another).
@@ -254,7 +255,7 @@ class KittiDataModule(pl.LightningDataModule):
         if self.synthetic is not None:
             generate_synthetic_kitti(self.root, **self.synthetic)
         if self.frame_cache:
-            for split in ("train", "val"):
+            for split in splits:
                 if (self.split_dir / f"{self.splits[split]}_files.txt").is_file():
                     self.build_dataset(split)
 

@@ -297,10 +297,10 @@ class VideoFolderDataModule(KittiDataModule):
                     "again (or set data.pseudo_label_model=<that folder> to have it run "
                     "here); or train without semantics: model=monodepth2") from err
 
-    def prepare_data(self) -> None:
+    def prepare_data(self, splits: Sequence[str] = ("train", "val")) -> None:
         self.prepare_layout()
         self._check_predicted_labels()
-        super().prepare_data()
+        super().prepare_data(splits)
 
     def build_dataset(self, stage: str) -> KittiDataset:
         self.prepare_layout()  # setup on a process where prepare_data did not run (DDP ranks)
