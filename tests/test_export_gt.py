@@ -244,6 +244,7 @@ def test_cli_writes_the_file_and_reports_a_missing_scan_without_traceback(tmp_pa
     assert bad.returncode == 2
     assert str(scan(root, 1)) in bad.stderr and "Traceback" not in bad.stderr
     assert not (split_dir / "gt_depths.npz").exists()
+    assert not (tmp_path / "outputs").exists()  # the output goes elsewhere: no run folder
 
 
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/kitti_sample not present")

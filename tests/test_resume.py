@@ -308,6 +308,21 @@ def test_an_external_sigterm_at_a_random_moment_resumes_bit_identical(
     _discard(first, second)
 
 
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_one_of_them_is_signalled(env: dict[str, str]) -> None:
+    """SIGTERM to rank 1 of two DDP processes: both stop at the same boundary (a rank that
+    stopped alone left the other waiting in its next all-reduce forever)."""
+    run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "ddp" / "run"
+    result = _group_run(["trainer=ddp_cpu", "trainer.max_steps=6", "trainer.max_epochs=6",
+                         "name=ddp", f"hydra.run.dir={run_dir}", FAULT,
+                         "+callbacks.fault.step=1", "+callbacks.fault.rank=1"], env)
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-3000:]
+    assert "preempted (SIGTERM)" in result.stderr and "Traceback" not in result.stderr
+    last = _load(run_dir / "checkpoints" / "last.ckpt")
+    assert 1 < int(last["global_step"]) < 6
+    _discard(run_dir.parent)
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     io = AtomicCheckpointIO()

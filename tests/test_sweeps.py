@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from fsre_lightning import reporting, sweep
 from fsre_lightning.cli import train
 from fsre_lightning.errors import ConfigError
+from fsre_lightning.preflight import missing_plugin, search_space_members
 from fsre_lightning.runtime import (
     CONFIG_DIR,
     EXIT_SWEEP_FAILED,
@@ -179,6 +181,71 @@ def test_every_member_is_checked_before_the_first_starts(tmp_path: Path, capsys,
                                                   "was started")
     assert "sweep member 2 (" in lines[1] and "loss.sgt_kernel_size=4 is not allowed" in lines[1]
     assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_search_space_is_checked_value_by_value() -> None:
+    """Optuna picks values as it goes: every choice and both ends of every interval are what
+    the preflight checks, one parameter at a time."""
+    cfg = compose_config("train", ["+experiment=search_sgt", "seed=3"], hydra=True)
+    members = search_space_members(cfg)
+    assert members[0] == ["loss.sgt_margin=0.05", "loss.sgt_kernel_size=3",
+                          "+experiment=search_sgt", "seed=3"]
+    varied = sorted(m[i] for m in members[1:] for i in (0, 1) if m[i] != members[0][i])
+    assert varied == ["loss.sgt_kernel_size=5", "loss.sgt_kernel_size=7", "loss.sgt_margin=0.5"]
+    assert len(members) == 4
+
+
+@pytest.mark.skipif(not HAS_OPTUNA, reason="the optional optuna extra is not installed")
+def test_an_optuna_search_with_a_bad_range_starts_nothing(tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    for key, value in command_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    status = train.main([*TINY_SYNTHETIC, "+experiment=search_sgt", "logger=csv",
+                         "hydra.sweeper.params={loss.sgt_margin: 'interval(-0.1, 0.5)'}"])
+    err = capsys.readouterr().err
+    assert status == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("fsre_lightning.train")]
+    assert "loss.sgt_margin=-0.1 is not allowed" in lines[0]
+    assert lines[-1].endswith("3 of 4 points of the search space are invalid; nothing was "
+                              "started")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.skipif(installed("hydra_plugins.hydra_submitit_launcher"),
+                    reason="the slurm extra is installed")
+def test_a_missing_hydra_plugin_is_one_line_naming_its_extra(tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:
+    for key, value in command_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert train.main(["--multirun", "hydra/launcher=slurm", "seed=1,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "fsre_lightning.train: error: hydra/launcher=slurm needs the Hydra plugin of the "
+        "optional extra 'slurm', which is not installed: pip install 'fsre-lightning[slurm]'"]
+    # The Optuna sweeper (installed here): Hydra's composition error, mapped the same way.
+    err = ConfigCompositionException("In 'hydra/sweeper/fsre_optuna': Could not load "
+                                     "'hydra/sweeper/optuna'.")
+    assert "hydra/sweeper=fsre_optuna needs the Hydra plugin of the optional extra 'optuna'" in (
+        missing_plugin(err) or "")
+    assert missing_plugin(ConfigCompositionException("Could not override 'x'")) is None
+
+
+def test_cfg_job_shows_only_a_config_that_would_start(tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:
+    """`--cfg job` runs no command: it used to print a config that fails when it runs."""
+    for key, value in command_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert train.main(["loss.sgt_kernel_size=4", "--cfg", "job"]) == 2
+    out, err = capsys.readouterr()
+    assert "loss.sgt_kernel_size=4 is not allowed" in err and not out
+    # A table prints one config but runs its members: each is checked.
+    assert train.main(["+experiment=ablation_cma", "model.network.num_heads=0", "--cfg",
+                       "job"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("model.network.num_heads=0 is not allowed") == 3 and not out
+    assert train.main(["+experiment=ablation_cma", "--cfg", "job"]) == 0
+    assert "cma_targets:" in capsys.readouterr().out
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slow

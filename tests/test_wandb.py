@@ -66,3 +66,16 @@ def test_offline_run_resumed_logs_into_the_same_run_and_disabled_writes_nothing(
     assert disabled.returncode == 0, disabled.stderr[-3000:]
     (run3,) = (tmp_path / "outputs" / "quiet").iterdir()
     assert not (run3 / "wandb").exists() or not list((run3 / "wandb").glob("*run-*"))
+
+
+def test_the_logger_passes_wandb_no_setting_it_warns_about(tmp_path: Path) -> None:
+    """Lightning's WandbLogger always hands wandb.init `anonymous`, which wandb >= 0.19
+    ignores with a warning on every run; ours leaves it out unless it is asked for."""
+    import hydra
+
+    cfg = compose_config("train", ["logger=wandb"], root=tmp_path)
+    logger = hydra.utils.instantiate(cfg.logger.wandb, save_dir=str(tmp_path))
+    assert "anonymous" not in logger._wandb_init
+    assert logger._wandb_init["mode"] in ("offline", "online", "disabled")
+    asked = hydra.utils.instantiate(cfg.logger.wandb, save_dir=str(tmp_path), anonymous=True)
+    assert asked._wandb_init["anonymous"] == "allow"

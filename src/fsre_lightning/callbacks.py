@@ -13,7 +13,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from fsre_lightning.checkpointing import TRAINING_DATA_KEY, WANDB_RUN_KEY, training_data_entry
 from fsre_lightning.nonfinite import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,15 @@ class StopAtStepBoundary(pl.Callback):
         self._stop_if_asked(trainer)
 
     def _stop_if_asked(self, trainer: pl.Trainer) -> None:
-        if self.signum is None:
+        # Under DDP the ranks stop together if any got the signal (a scheduler may signal one
+        # process, or the signal lands between two ranks' boundaries): a rank that went on
+        # alone would wait forever in its next all-reduce. One boolean all-reduce per
+        # boundary; nothing on a single process.
+        if trainer.world_size > 1:
+            if not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+                return
+            self.signum = self.signum or signal.SIGTERM
+        elif self.signum is None:
             return
         trainer.save_checkpoint(self.path)
         raise TrainingStopped(self.signum, trainer.global_step, self.path)
@@ -149,30 +156,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                      py_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def wandb_run_id(trainer: pl.Trainer) -> str | None:
-    """The id of the trainer's wandb run, or None without a wandb logger."""
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and logger.version:
-            return str(logger.version)
-    return None
-
-
-class DescribeTraining(pl.Callback):
-    """Store what a checkpoint needs to be used alone: the training data's description
-    (`training_data_entry`) and the wandb run id that a resumed run continues."""
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        data = trainer.datamodule
-        if data is not None:
-            checkpoint[TRAINING_DATA_KEY] = training_data_entry(
-                data.height, data.width, data.intrinsics, data.frame_ids,
-                bool(getattr(pl_module, "has_segmentation", False)))
-        run_id = wandb_run_id(trainer)
-        if run_id:
-            checkpoint[WANDB_RUN_KEY] = run_id
 
 
 class RNGStateCheckpoint(pl.Callback):

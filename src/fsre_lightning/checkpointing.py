@@ -50,6 +50,19 @@ def training_data_entry(height: int, width: int, intrinsics: Sequence[float],
     }
 
 
+def describe_training(checkpoint: dict[str, Any], trainer: Any, segmentation: bool) -> None:
+    """Store in `checkpoint` what it needs to be used alone: the description of the trainer's
+    data (`training_data_entry`) and the id of its wandb run, which a resumed run continues."""
+    data = getattr(trainer, "datamodule", None)
+    if data is not None and hasattr(data, "intrinsics"):
+        checkpoint[TRAINING_DATA_KEY] = training_data_entry(
+            data.height, data.width, data.intrinsics, data.frame_ids, segmentation)
+    for logger in getattr(trainer, "loggers", []):
+        if type(logger).__name__ == "WandbLogger" and logger.version:
+            checkpoint[WANDB_RUN_KEY] = str(logger.version)
+            break
+
+
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's weights do not fit the model the config builds."""
 

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fsre_lightning.checkpointing import check_state_dict_compatible
+from fsre_lightning.checkpointing import check_state_dict_compatible, describe_training
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import disp_to_depth
 from fsre_lightning.losses import photometric_losses
@@ -300,6 +300,10 @@ class FSREModule(pl.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, Mapping):
             checkpoint["hyper_parameters"] = without_imagenet_init(hparams)
+        # Here, not in a callback: Lightning calls no callback hook for a weights-only save
+        # (best-*.ckpt), and every checkpoint must be usable without its run folder.
+        if self._trainer is not None:
+            describe_training(checkpoint, self._trainer, self.has_segmentation)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resume (Trainer.fit(ckpt_path)) and load_from_checkpoint both pass here before the

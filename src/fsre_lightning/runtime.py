@@ -10,10 +10,14 @@ status.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,20 +93,70 @@ def run_job(command: str, job: Callable[[Any], Any], cfg: Any) -> int:
     return 0
 
 
+def discard_unused_run_folder(run_dir: str | Path) -> bool:
+    """Remove `run_dir` when it holds nothing but what Hydra writes before a command starts
+    (.hydra/ and the job's log): a command stopped by a user error leaves no empty folder
+    behind (an afternoon of mistyped overrides made a hundred of them). Returns whether it
+    went."""
+    folder = Path(run_dir)
+    if not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
+        return False
+    if any(not (entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file()))
+           for entry in folder.iterdir()):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # outputs/<name>/ of a first run: nothing else in it
+        folder.parent.rmdir()
+    return True
+
+
 def run_or_exit(command: str, job: Callable[[Any], Any], cfg: Any) -> None:
-    """`run_job` inside a Hydra task, whose return value Hydra drops: a failure exits."""
+    """`run_job` inside a Hydra task, whose return value Hydra drops: a failure exits. A user
+    error leaves no run folder of Hydra's bookkeeping only."""
     status = run_job(command, job, cfg)
+    if status == EXIT_USER_ERROR:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            discard_unused_run_folder(HydraConfig.get().runtime.output_dir)
     if status:
         sys.exit(status)
 
 
-def call_hydra(task: Callable[[], Any], argv: Sequence[str] | None = None) -> int:
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_noise() -> None:
+    """Silence, each for its reason, what printed on every run and said nothing about it, so
+    that a real warning is seen:
+    - torch (2.14 here) deprecates `LeafSpec`, which Lightning 2.6's pytree helper still builds
+      (a FutureWarning per training and per validation; nothing to act on for a user);
+    - Lightning's advertisement for its cloud logger ("💡 Tip: ... litlogger") at every fit.
+    Lightning's own messages (devices, `max_steps` reached) and every other warning stay."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+
+
+def call_hydra(task: Callable[[], Any], argv: Sequence[str] | None = None,
+               entry: str | None = None) -> int:
     """Run a `@hydra.main` task on the command line `argv` (default: sys.argv[1:]) and return
-    its exit status (Hydra reports its own errors, e.g. an unknown override, with status 1)."""
+    its exit status (Hydra reports its own errors, e.g. an unknown override, with status 1).
+    `entry`: the command whose config is checked before Hydra runs (`check_before_hydra`)."""
+    quiet_known_noise()
     saved = sys.argv
     if argv is not None:
         sys.argv = [saved[0], *argv]
     try:
+        if entry is not None:
+            from fsre_lightning.preflight import check_before_hydra
+
+            check_before_hydra(entry, sys.argv[1:])
         task()
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):

@@ -55,4 +55,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.export ckpt_path=... [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv)
+    return call_hydra(_hydra_main, argv, entry="export")

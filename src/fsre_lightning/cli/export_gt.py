@@ -48,4 +48,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.export_gt [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv)
+    return call_hydra(_hydra_main, argv, entry="export_gt")

@@ -31,7 +31,6 @@ from rich.table import Table
 
 from fsre_lightning.callbacks import (
     CheckpointOnInterrupt,
-    DescribeTraining,
     RNGStateCheckpoint,
     StopAtStepBoundary,
     TrainingStopped,
@@ -239,10 +238,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
-        # Not optional like the config's callbacks: without them a resumed run is not exact
-        # and a checkpoint cannot be used without its run folder.
+        # Not optional like the config's callbacks: without them a resumed run is not exact.
         callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint(),
-                   DescribeTraining(), StopAtStepBoundary(run_dir / "checkpoints")],
+                   StopAtStepBoundary(run_dir / "checkpoints")],
         plugins=trainer_plugins(),
     )
     try:
@@ -287,7 +285,7 @@ def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
         raise PreemptedError(f"preempted (SIGTERM) at step {trainer.global_step}; {hint}") from err
     # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state.
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)
     after = trainer.validate(module, datamodule=datamodule)[0]
     results["after"] = metric_summary(after)
     monitor = "val/abs_rel" if datamodule.has_val_gt else "val/loss"
@@ -335,5 +333,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.train [overrides]`; returns the exit status (1 when members of
     a sweep failed, each listed at the end)."""
     failed_members.clear()
-    status = call_hydra(_hydra_main, argv)
+    status = call_hydra(_hydra_main, argv, entry="train")
     return EXIT_SWEEP_FAILED if status == 0 and failed_members else status
