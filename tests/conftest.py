@@ -36,6 +36,17 @@ def _logging_as_it_was() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _hydra_config_as_it_was() -> Iterator[None]:
+    """A command run in-process leaves Hydra's global HydraConfig set (`--cfg` shows a config
+    without a run folder); later compositions would resolve ${hydra:...} against it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = saved
+
+
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory: pytest.TempPathFactory,
                request: pytest.FixtureRequest) -> Iterator[Callable[[str], Path]]:

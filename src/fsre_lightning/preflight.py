@@ -172,8 +172,12 @@ def check_before_hydra(entry: str, argv: Sequence[str]) -> None:
             if args.cfg:  # as --cfg shows it
                 config = compose(args.config_name or entry, overrides=overrides,
                                  return_hydra_config=True)
-                HydraConfig.instance().set_config(config)
-                problems = _shown_config_problems(config, entry, args.multirun)
+                previous = HydraConfig.instance().cfg
+                HydraConfig.instance().set_config(config)  # for ${hydra:...} in the config
+                try:
+                    problems = _shown_config_problems(config, entry, args.multirun)
+                finally:  # the command that runs next (or a caller's process) sets its own
+                    HydraConfig.instance().cfg = previous
     except HydraException as err:
         plugin = missing_plugin(err)
         if plugin is None:

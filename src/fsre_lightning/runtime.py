@@ -144,19 +144,17 @@ def quiet_known_noise() -> None:
 
 
 def call_hydra(task: Callable[[], Any], argv: Sequence[str] | None = None,
-               entry: str | None = None) -> int:
+               before: Callable[[Sequence[str]], None] | None = None) -> int:
     """Run a `@hydra.main` task on the command line `argv` (default: sys.argv[1:]) and return
     its exit status (Hydra reports its own errors, e.g. an unknown override, with status 1).
-    `entry`: the command whose config is checked before Hydra runs (`check_before_hydra`)."""
+    `before(argv)` runs first and may exit too (`preflight.check_before_hydra`)."""
     quiet_known_noise()
     saved = sys.argv
     if argv is not None:
         sys.argv = [saved[0], *argv]
     try:
-        if entry is not None:
-            from fsre_lightning.preflight import check_before_hydra
-
-            check_before_hydra(entry, sys.argv[1:])
+        if before is not None:
+            before(sys.argv[1:])
         task()
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):

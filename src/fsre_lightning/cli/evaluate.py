@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from fsre_lightning.evaluation import (
     semantic_pairs,
 )
 from fsre_lightning.loading import load_module, training_resolution
+from fsre_lightning.preflight import check_before_hydra
 from fsre_lightning.rules import check_writable
 from fsre_lightning.runtime import CONFIG_DIR, call_hydra, resolve_device, run_or_exit
 
@@ -134,4 +136,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.evaluate ckpt_path=... [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv, entry="evaluate")
+    return call_hydra(_hydra_main, argv, partial(check_before_hydra, "evaluate"))

@@ -15,6 +15,7 @@ ONNX needs the optional extra: ``pip install 'fsre-lightning[export]'``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.inference.export import default_output, export
 from fsre_lightning.inference.model import build_inference_model
 from fsre_lightning.loading import load_module, training_resolution
+from fsre_lightning.preflight import check_before_hydra
 from fsre_lightning.rules import check_writable
 from fsre_lightning.runtime import CONFIG_DIR, call_hydra, resolve_device, run_or_exit
 
@@ -55,4 +57,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.export ckpt_path=... [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv, entry="export")
+    return call_hydra(_hydra_main, argv, partial(check_before_hydra, "export"))

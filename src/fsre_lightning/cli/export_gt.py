@@ -13,6 +13,7 @@ metrics). Every scan and calibration file is checked before the first is read.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,7 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.data.layout import GT_FILE_NAMES
 from fsre_lightning.data.velodyne import export_gt_depths
 from fsre_lightning.errors import DataError
+from fsre_lightning.preflight import check_before_hydra
 from fsre_lightning.runtime import CONFIG_DIR, call_hydra, run_or_exit
 
 
@@ -48,4 +50,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.export_gt [overrides]`; returns the exit status."""
-    return call_hydra(_hydra_main, argv, entry="export_gt")
+    return call_hydra(_hydra_main, argv, partial(check_before_hydra, "export_gt"))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.inference.model import build_inference_model
 from fsre_lightning.inference.predict import Settings, find_inputs, predict
 from fsre_lightning.loading import load_module, training_intrinsics, training_resolution
+from fsre_lightning.preflight import check_before_hydra
 from fsre_lightning.runtime import CONFIG_DIR, call_hydra, resolve_device, run_or_exit
 
 log = logging.getLogger(__name__)
@@ -89,4 +91,4 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.predict ckpt_path=... input=... [overrides]`; returns the exit
     status."""
-    return call_hydra(_hydra_main, argv, entry="predict")
+    return call_hydra(_hydra_main, argv, partial(check_before_hydra, "predict"))

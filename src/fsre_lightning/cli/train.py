@@ -17,6 +17,7 @@ import logging
 import math
 import signal
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from fsre_lightning.config import validate_config
 from fsre_lightning.loading import load_initial_weights
 from fsre_lightning.metrics import REPORTED_METRICS
 from fsre_lightning.module import FSREModule, metric_summary, without_imagenet_init
+from fsre_lightning.preflight import check_before_hydra
 from fsre_lightning.runtime import (
     CONFIG_DIR,
     EXIT_SWEEP_FAILED,
@@ -333,5 +335,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.train [overrides]`; returns the exit status (1 when members of
     a sweep failed, each listed at the end)."""
     failed_members.clear()
-    status = call_hydra(_hydra_main, argv, entry="train")
+    status = call_hydra(_hydra_main, argv, partial(check_before_hydra, "train"))
     return EXIT_SWEEP_FAILED if status == 0 and failed_members else status
