@@ -41,8 +41,10 @@ def materialised_sgt_loss(
     kernel_size: int = 5,
     margin: float = 0.3,
     threshold: int | None = None,
+    border: str = "reference",
 ) -> torch.Tensor:
-    """The same loss through a B x C x K^2 x h x w neighbourhood copy (reference-style)."""
+    """The same loss through a B x C x K^2 x h x w neighbourhood copy (reference-style);
+    `border=reference` pads the labels with -1 (outside-image pixels are negatives)."""
     b, c, h, w = features.shape
     k2 = kernel_size * kernel_size
     p = kernel_size // 2
@@ -52,7 +54,7 @@ def materialised_sgt_loss(
     neigh = F.unfold(fh, kernel_size, padding=p).view(b, c, k2, h, w)
     cos = (fh.unsqueeze(2) * neigh).sum(dim=1)  # B x K^2 x h x w
     dist = torch.sqrt(torch.clamp(2 - 2 * cos, min=1e-9))
-    lab_pad = F.pad(labels, [p, p, p, p], value=VOID)
+    lab_pad = F.pad(labels, [p, p, p, p], value=-1 if border == "reference" else VOID)
     lab_neigh = lab_pad.unfold(1, kernel_size, 1).unfold(2, kernel_size, 1)
     lab_neigh = lab_neigh.reshape(b, h, w, k2).permute(0, 3, 1, 2)  # B x K^2 x h x w
     anchor = labels.unsqueeze(1)
@@ -109,7 +111,7 @@ def run_child(args: argparse.Namespace) -> None:
         features.grad = None
         _sync(device)
         start = time.perf_counter()
-        loss = fn(features, labels, kernel_size=args.kernel)
+        loss = fn(features, labels, kernel_size=args.kernel, border=args.border)
         loss.backward()
         _sync(device)
         if i > 0:
@@ -144,7 +146,7 @@ def _child(args: argparse.Namespace, variant: str, grad_out: Path) -> dict:
     ]
     for name in ("batch", "channels", "height", "width", "kernel", "repeats", "threads", "seed"):
         cmd += [f"--{name}", str(getattr(args, name))]
-    cmd += ["--device", args.device]
+    cmd += ["--device", args.device, "--border", args.border]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"child {variant} failed ({proc.returncode}):\n{proc.stderr}")
@@ -170,7 +172,8 @@ def run_parent(args: argparse.Namespace) -> None:
     f64_args = argparse.Namespace(**{**vars(args), "device": "cpu"})
     features, labels = make_inputs(f64_args)
     with torch.no_grad():
-        loss64 = sgt_loss(features.double(), labels, kernel_size=args.kernel).item()
+        loss64 = sgt_loss(features.double(), labels, kernel_size=args.kernel,
+                          border=args.border).item()
     grad_diff = (grads["ours"] - grads["materialised"]).abs().max().item()
     grad_scale = grads["materialised"].abs().max().item()
 
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--kernel", type=int, default=5)
+    parser.add_argument("--border", choices=("reference", "exclude"), default="reference")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

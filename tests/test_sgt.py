@@ -18,6 +18,7 @@ def _slow_sgt(
     kernel_size: int = 5,
     margin: float = 0.3,
     threshold: int | None = None,
+    border: str = "reference",
 ) -> torch.Tensor:
     """The definition (design 3.10), one anchor and one patch pixel at a time."""
     t = kernel_size - 1 if threshold is None else threshold
@@ -35,7 +36,9 @@ def _slow_sgt(
                 for yy in range(y - p, y + p + 1):
                     for xx in range(x - p, x + p + 1):
                         if not (0 <= yy < h and 0 <= xx < w):
-                            continue  # outside the image: neither positive nor negative
+                            if border == "reference":  # a negative at distance sqrt(2)
+                                neg.append(torch.sqrt(features.new_tensor(2.0)))
+                            continue  # exclude: neither positive nor negative
                         other = int(labels[n, yy, xx])
                         if other == 255:
                             continue  # void: neither
@@ -78,24 +81,70 @@ def _assert_matches_slow(features: torch.Tensor, labels: torch.Tensor, **kwargs:
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-14)
 
 
+BORDERS = ["reference", "exclude"]
+
+
+@pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("kernel_size", [3, 5])
-def test_sgt_matches_slow_reference(kernel_size: int) -> None:
+def test_sgt_matches_slow_reference(kernel_size: int, border: str) -> None:
     features, labels = _case(seed=kernel_size)
-    loss = sgt_loss(features, labels, kernel_size=kernel_size)
+    loss = sgt_loss(features, labels, kernel_size=kernel_size, border=border)
     assert loss.dim() == 0 and loss.item() > 0
-    _assert_matches_slow(features, labels, kernel_size=kernel_size)
+    _assert_matches_slow(features, labels, kernel_size=kernel_size, border=border)
 
 
+@pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize(("kernel_size", "threshold"), [(3, 1), (3, 3), (5, 2), (5, 8), (7, 6)])
-def test_sgt_threshold_variations(kernel_size: int, threshold: int) -> None:
+def test_sgt_threshold_variations(kernel_size: int, threshold: int, border: str) -> None:
     features, labels = _case(seed=10 + threshold, classes=2)
-    _assert_matches_slow(features, labels, kernel_size=kernel_size, threshold=threshold)
+    _assert_matches_slow(features, labels, kernel_size=kernel_size, threshold=threshold,
+                         border=border)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.05, 1.0])
 def test_sgt_margin_variations(margin: float) -> None:
     features, labels = _case(seed=20)
     _assert_matches_slow(features, labels, kernel_size=3, margin=margin)
+
+
+def _published_formulation(features: torch.Tensor, labels: torch.Tensor, kernel_size: int,
+                           margin: float) -> torch.Tensor:
+    """The SGT term as the published trainer computes it (void-free labels): labels padded
+    with -1 and normalised features with zeros, a K x K unfolded copy of the features, every
+    label other than the anchor's (the padding's included) a negative, the mean hinge over
+    the patches with |P+| >= K - 1 and |P-| >= K - 1."""
+    p = kernel_size // 2
+    fh = F.normalize(features, dim=1)
+    windows = F.pad(fh, [p] * 4).unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)
+    cos = (fh[..., None, None] * windows).sum(dim=1)  # B x h x w x K x K
+    dist = torch.clamp(2 - 2 * cos, min=1e-9).sqrt()
+    padded = F.pad(labels[:, None].double(), [p] * 4, value=-1)[:, 0]
+    neighbour = padded.unfold(1, kernel_size, 1).unfold(2, kernel_size, 1)
+    same = (neighbour == labels[..., None, None].double()).double()
+    pos_n, neg_n = same.sum(dim=(-1, -2)), (1 - same).sum(dim=(-1, -2))
+    boundary = (pos_n >= kernel_size - 1) & (neg_n >= kernel_size - 1)
+    d_pos = (same * dist).sum(dim=(-1, -2))[boundary] / pos_n[boundary]
+    d_neg = ((1 - same) * dist).sum(dim=(-1, -2))[boundary] / neg_n[boundary]
+    return torch.relu(d_pos - d_neg + margin).mean()
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+def test_sgt_reference_border_is_the_published_formulation(kernel_size: int) -> None:
+    """Void-free labels on a map with image borders, float64: value and input gradient."""
+    gen = torch.Generator().manual_seed(40 + kernel_size)
+    features = torch.randn(2, 6, 9, 13, generator=gen, dtype=torch.float64,
+                           requires_grad=True)
+    labels = torch.randint(0, 3, (2, 9, 13), generator=gen)
+    ours = sgt_loss(features, labels, kernel_size=kernel_size, margin=0.3)
+    published = _published_formulation(features, labels, kernel_size, 0.3)
+    torch.testing.assert_close(ours, published, rtol=1e-12, atol=1e-14)
+    (g_ours,) = torch.autograd.grad(ours, features)
+    (g_pub,) = torch.autograd.grad(published, features)
+    # The published code's anchor-with-itself cosine is a dot product (rounding noise, ~1e-16
+    # in float64); ours is exactly 1: the gradients agree to that noise.
+    torch.testing.assert_close(g_ours, g_pub, rtol=1e-7, atol=1e-12)
+    excluded = sgt_loss(features, labels, kernel_size=kernel_size, margin=0.3, border="exclude")
+    assert abs(_value(excluded) - _value(ours)) > 1e-3  # the border matters at this size
 
 
 def test_sgt_larger_margin_gives_larger_loss() -> None:
@@ -119,22 +168,28 @@ def test_sgt_threshold_above_patch_size_has_no_boundary_patch() -> None:
     assert _value(loss) == 0.0 and loss.grad_fn is not None
 
 
-def test_sgt_image_smaller_than_kernel() -> None:
+@pytest.mark.parametrize("border", BORDERS)
+def test_sgt_image_smaller_than_kernel(border: str) -> None:
     features, labels = _case(seed=23, b=1, h=2, w=3, classes=2)
-    _assert_matches_slow(features, labels, kernel_size=5, threshold=1)
+    _assert_matches_slow(features, labels, kernel_size=5, threshold=1, border=border)
 
 
 def test_sgt_one_class_is_exactly_zero_with_a_graph() -> None:
     features = torch.randn(2, 4, 6, 7, requires_grad=True)
     labels = torch.full((2, 6, 7), 3, dtype=torch.long)
     labels[0, 1, 1] = 255
-    loss = sgt_loss(features, labels)
+    loss = sgt_loss(features, labels, border="exclude")
     assert _value(loss) == 0.0 and torch.isfinite(loss)
     assert loss.grad_fn is not None
     loss.backward()
     assert features.grad is not None and float(features.grad.abs().sum()) == 0.0
-    all_void = sgt_loss(features, torch.full((2, 6, 7), 255, dtype=torch.long))
-    assert _value(all_void) == 0.0 and all_void.grad_fn is not None
+    for border in BORDERS:
+        all_void = sgt_loss(features, torch.full((2, 6, 7), 255, dtype=torch.long),
+                            border=border)
+        assert _value(all_void) == 0.0 and all_void.grad_fn is not None
+    # The published code's border: the image's edge is a class boundary of its own (anchors
+    # near it have negatives outside), so even one class gives a loss.
+    assert _value(sgt_loss(features, labels, border="reference")) > 0
 
 
 def test_sgt_identical_features_give_finite_gradients() -> None:
@@ -143,7 +198,7 @@ def test_sgt_identical_features_give_finite_gradients() -> None:
         features = torch.ones(1, 4, 6, 7, dtype=dtype).mul_(0.5).requires_grad_()
         labels = torch.zeros(1, 6, 7, dtype=torch.long)
         labels[:, :, 4:] = 1
-        loss = sgt_loss(features, labels, kernel_size=3)
+        loss = sgt_loss(features, labels, kernel_size=3, border="exclude")
         # d+ = d- (both ~sqrt(1e-9) or a rounding-level distance), so L = m.
         assert _value(loss) == pytest.approx(0.3, abs=1e-3)
         loss.backward()
@@ -160,7 +215,7 @@ def test_sgt_zero_feature_vector_matches_normalize_semantics() -> None:
         features[1, :, 2, 2] = 0.0
     ours = sgt_loss(features, labels, kernel_size=3)
     ref = _slow_sgt(features, labels, kernel_size=3)
-    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
     (g_ours,) = torch.autograd.grad(ours, features)
     (g_ref,) = torch.autograd.grad(ref, features)
     assert bool(torch.isfinite(g_ours).all())
@@ -219,10 +274,20 @@ def test_sgt_hand_computed_patch() -> None:
     l1 = max(0.0, (near + eps) / 2 - near + 0.6)
     l2 = max(0.0, eps - near + 0.6)
     assert l1 > 0 and l2 > 0
-    loss = sgt_loss(features, labels, kernel_size=3, margin=0.6, threshold=1)
+    loss = sgt_loss(features, labels, kernel_size=3, margin=0.6, threshold=1, border="exclude")
     assert _value(loss) == pytest.approx((l1 + l2) / 2, rel=1e-12)
     # With T = 2 only anchor 1 has |P+| >= 2, but |P-| = 1 < 2: no boundary patch.
-    assert _value(sgt_loss(features, labels, kernel_size=3, margin=0.6, threshold=2)) == 0.0
+    assert _value(sgt_loss(features, labels, kernel_size=3, margin=0.6, threshold=2,
+                           border="exclude")) == 0.0
+    # border=reference: the 7, 6 and 7 window pixels outside the image are negatives at
+    # distance sqrt(2); every anchor's patch is a boundary patch (m = 1.5 keeps all active).
+    out = math.sqrt(2)
+    r0 = (eps + near) / 2 - out + 1.5
+    r1 = (eps + near) / 2 - (near + 6 * out) / 7 + 1.5
+    r2 = eps - (near + 7 * out) / 8 + 1.5
+    assert min(r0, r1, r2) > 0
+    loss = sgt_loss(features, labels, kernel_size=3, margin=1.5, threshold=1)
+    assert _value(loss) == pytest.approx((r0 + r1 + r2) / 3, rel=1e-12)
 
 
 @pytest.mark.parametrize(

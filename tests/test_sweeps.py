@@ -36,7 +36,7 @@ from fsre_lightning.testing import (
 )
 
 TABLES = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin", "ablation_cma",
-          "ablation_h", "ablation_cma_placement"]
+          "ablation_h", "ablation_cma_placement", "ablation_sgt_border"]
 SINGLE_RUNS = ["demo", "full_hr", "full_r50", "smoke"]
 HAS_OPTUNA = installed(EXPERIMENT_PLUGINS["search_sgt"])
 

@@ -31,6 +31,7 @@ from fsre_lightning.losses import (
     ssim_target_stats,
 )
 from fsre_lightning.losses.photometric import check_alpha
+from fsre_lightning.losses.sgt import BORDERS as SGT_BORDERS
 from fsre_lightning.losses.sgt import check_sgt_options
 from fsre_lightning.models.decoder import check_scales
 from fsre_lightning.rules import check_choice, check_number, require
@@ -51,6 +52,7 @@ class LossConfig:
     sgt_kernel_size: int = 5
     sgt_margin: float = 0.3
     sgt_threshold: int | None = None
+    sgt_border: str = "reference"
     scale_weighting: str = "reference"
     automask: bool = True
     identity_noise: float = 1e-5
@@ -64,6 +66,7 @@ class LossConfig:
         check_scales("sgt_scales", self.sgt_scales)
         check_sgt_options(self.sgt_kernel_size, self.sgt_margin, self.sgt_threshold,
                           ("sgt_kernel_size", "sgt_margin", "sgt_threshold"))
+        check_choice("sgt_border", self.sgt_border, SGT_BORDERS)
         check_choice("scale_weighting", self.scale_weighting, SCALE_WEIGHTINGS)
         check_number("min_depth", self.min_depth, lo=0, strict=True)
         check_number("max_depth", self.max_depth, lo=0, strict=True)
@@ -191,6 +194,7 @@ def weighted_terms(photometric_terms: Sequence[torch.Tensor], smooth_terms: Sequ
                 kernel_size=cfg.sgt_kernel_size,
                 margin=cfg.sgt_margin,
                 threshold=cfg.sgt_threshold,
+                border=cfg.sgt_border,
             )
             losses[f"sgt_s{s}"] = term
             sgt_total = sgt_total + (term / 2**s if cfg.scale_weighting == "reference" else term)

@@ -74,6 +74,10 @@ PAPER: dict[str, tuple[str, dict[str, tuple[str, dict[str, float]]]]] = {
         "5": ("K = 5", {"abs_rel": 0.108}),
         "7": ("K = 7", {"abs_rel": 0.110}),
     }),
+    "ablation_sgt_border": ("loss.sgt_border", {
+        "reference": ("SGT border: reference (published)", _CE_SGT),
+        "exclude": ("SGT border: exclude", {}),
+    }),
     "ablation_cma": ("model.network.cma_targets", {
         '["depth"]': ("CMA target D", {"abs_rel": 0.108}),
         '["seg"]': ("CMA target S", {"abs_rel": 0.111}),

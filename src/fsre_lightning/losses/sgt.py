@@ -2,7 +2,9 @@
 
 For each anchor pixel i with a non-void label, the K x K patch around it (stride 1) is split
 into P+ (pixels of the anchor's class, the anchor included) and P- (pixels of another non-void
-class); pixels outside the image and void pixels are in neither. A patch is a boundary patch
+class); void pixels are in neither. Pixels outside the image (`border`): "reference", as the
+published code (labels padded with -1, normalised features with zeros), are in P- at distance
+sqrt(2) with no gradient; "exclude" leaves them out of both (design 5). A patch is a boundary patch
 when |P+| >= T and |P-| >= T (T = K - 1 by default). With F_hat = F / ||F|| over channels and
 the distance dist(i, j) = sqrt(max(2 - 2 <F_hat_i, F_hat_j>, 1e-9)):
 
@@ -47,6 +49,8 @@ DIST_EPS = 1e-9
 NORM_EPS = 1e-12
 # Feature elements per row block on CPU (B x C x rows x w); ~2.5 MB of float32 stays in cache.
 _CPU_BLOCK_ELEMENTS = 640 * 1024
+# What the pixels outside the image are (see the module docstring).
+BORDERS = ("reference", "exclude")
 
 Offset = tuple[int, int]
 
@@ -113,6 +117,7 @@ class _SGTLoss(torch.autograd.Function):
         margin: float,
         threshold: int,
         ignore_index: int,
+        outside_negative: bool,
     ) -> torch.Tensor:
         b, _, h, w = features.shape
         p = kernel_size // 2
@@ -127,7 +132,11 @@ class _SGTLoss(torch.autograd.Function):
         cos_self = (norm / denom).squeeze(1).square()
         cos_pairs = _channel_dots(fh, fh, half)
         cos_pad = F.pad(cos_pairs, [p, p, p, p])
-        lab_pad = labels.new_full((b, h + 2 * p, w + 2 * p), ignore_index)
+        # Outside the image: void (in neither set), or a label of no class (a negative whose
+        # cosine is the zero padding's: distance sqrt(2), and no gradient, since the backward
+        # pass only visits pairs inside the image).
+        outside = (-1 if ignore_index != -1 else -2) if outside_negative else ignore_index
+        lab_pad = labels.new_full((b, h + 2 * p, w + 2 * p), outside)
         lab_pad[:, p : p + h, p : p + w] = labels
 
         # Every offset of the window, in the order [anchor, half..., mirrored half...].
@@ -206,7 +215,7 @@ class _SGTLoss(torch.autograd.Function):
         radial = _channel_dots(fh, grad, [(0, 0)])[0].unsqueeze(1)
         radial = torch.where(norm >= NORM_EPS, radial, torch.zeros_like(radial))
         grad.addcmul_(fh, radial, value=-1).div_(norm.clamp(min=NORM_EPS))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _as_int(value: object) -> int | None:
@@ -245,12 +254,15 @@ def sgt_loss(
     margin: float = 0.3,
     threshold: int | None = None,
     ignore_index: int = VOID,
+    border: str = "reference",
 ) -> torch.Tensor:
     """Semantics-guided triplet loss of one feature map (the paper's eqs. 5-8), a scalar.
 
     `features` is B x C x h x w; `labels` B x h x w integer class ids at the same size
-    (`ignore_index`, 255, is void). `threshold` None means K - 1. Returns the mean hinge over
-    boundary patches, or 0 (still attached to the graph of `features`) when there are none.
+    (`ignore_index`, 255, is void). `threshold` None means K - 1. `border`: "reference"
+    (outside-image neighbours are negatives at distance sqrt(2), as in the published code that
+    produced the paper's numbers) or "exclude" (they are in neither set). Returns the mean hinge
+    over boundary patches, or 0 (still attached to the graph of `features`) when there are none.
     Half-precision features are evaluated in float32.
     """
     if features.dim() != 4:
@@ -265,7 +277,9 @@ def sgt_loss(
             f"got shape {tuple(labels.shape)}; resize them with resize_labels"
         )
     k, m, t = check_sgt_options(kernel_size, margin, threshold)
+    require(border in BORDERS, "border", border, f"one of {', '.join(BORDERS)}")
 
     if features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
-    return _SGTLoss.apply(features, labels.to(torch.long), k, m, t, int(ignore_index))
+    return _SGTLoss.apply(features, labels.to(torch.long), k, m, t, int(ignore_index),
+                          border == "reference")
