@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fsre_lightning.cli.export_gt import run
 from fsre_lightning.data import KittiDataModule, load_gt_depths, read_split
+from fsre_lightning.data.annotated import export_annotated_depths, read_annotated_depth
 from fsre_lightning.data.velodyne import export_gt_depths, velodyne_depth
 from fsre_lightning.errors import DataError
 from fsre_lightning.evaluation import evaluate_eigen
@@ -269,3 +271,136 @@ def test_real_sample_export_feeds_the_test_split(tmp_path: Path) -> None:
     disps = [np.where(m > 0, 1.0 / np.maximum(m, 1e-6), 1.0) for m in maps]
     results = evaluate_eigen(disps, maps)
     assert results["abs_rel"] < 1e-6 and results["a1"] == 1.0 and results["num_frames"] == 5
+
+
+# ------------------------------------------- improved ground truth: KITTI's annotated maps
+VAL_DRIVE = f"{DATE}/{DATE}_drive_0002_sync"  # a drive of data_depth_annotated's val/
+BENCHMARK_LINES = [f"{DRIVE} 1 l", f"{DRIVE} 0 l", f"{VAL_DRIVE} 3 l", f"{VAL_DRIVE} 3 r"]
+# Where each line's map lies, written out by hand: data_depth_annotated's own layout (under the
+# folder given as annotated_dir) and Monodepth2's, inside the raw tree (under data.root).
+RELEASE_PATHS = [
+    f"train/{DATE}_drive_0001_sync/proj_depth/groundtruth/image_02/0000000001.png",
+    f"train/{DATE}_drive_0001_sync/proj_depth/groundtruth/image_02/0000000000.png",
+    f"val/{DATE}_drive_0002_sync/proj_depth/groundtruth/image_02/0000000003.png",
+    f"val/{DATE}_drive_0002_sync/proj_depth/groundtruth/image_03/0000000003.png",
+]
+RAW_TREE_PATHS = [
+    f"{DRIVE}/proj_depth/groundtruth/image_02/0000000001.png",
+    f"{DRIVE}/proj_depth/groundtruth/image_02/0000000000.png",
+    f"{VAL_DRIVE}/proj_depth/groundtruth/image_02/0000000003.png",
+    f"{VAL_DRIVE}/proj_depth/groundtruth/image_03/0000000003.png",
+]
+
+
+def write_depth_png(path: Path, values: np.ndarray) -> Path:
+    """A uint16 PNG as KITTI stores its annotated maps (metres x 256, 0 = no data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(values, dtype=np.uint16)).save(path)
+    return path
+
+
+def annotated_values(seed: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
+    """Sparse uint16 values: 1..90 m (some beyond the 80 m cap), 70 % of the pixels empty."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(256, 90 * 256, size)
+    values[rng.random(size) < 0.7] = 0
+    return values.astype(np.uint16)
+
+
+def make_annotated(base: Path, layout: str) -> list[np.ndarray]:
+    """The maps of BENCHMARK_LINES under `base` in `layout` ("release" or "raw_tree"); returns
+    their uint16 values in line order (each line's differ, the right camera's too)."""
+    paths = RELEASE_PATHS if layout == "release" else RAW_TREE_PATHS
+    values = [annotated_values(seed) for seed in range(len(paths))]
+    for path, v in zip(paths, values, strict=True):
+        write_depth_png(base / path, v)
+    return values
+
+
+def test_annotated_values_are_metres_times_256(tmp_path: Path) -> None:
+    values = np.array([[0, 1, 255, 256], [20480, 65535, 3, 7]], dtype=np.uint16)
+    path = write_depth_png(tmp_path / "0000000000.png", values)
+    with Image.open(path) as img:
+        assert img.mode == "I;16"  # a real 16-bit PNG, as KITTI's
+    depth = read_annotated_depth(path)
+    assert depth.dtype == np.float32 and depth.shape == (2, 4)
+    assert depth[0].tolist() == [0.0, 1 / 256, 255 / 256, 1.0]
+    assert depth[1].tolist() == [80.0, 65535 / 256, 3 / 256, 7 / 256]
+
+
+@pytest.mark.parametrize("layout", ["release", "raw_tree"])
+def test_annotated_export_reads_each_line_in_split_order(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "kitti"
+    annotated_dir = tmp_path / "data_depth_annotated" if layout == "release" else None
+    values = make_annotated(annotated_dir or root, layout)
+    split = write_split(tmp_path / "splits" / "eigen_benchmark", BENCHMARK_LINES)
+    path = export_annotated_depths(root, split, split.parent / "gt_depths.npz",
+                                   annotated_dir=annotated_dir, progress=False)
+    maps = load_gt_depths(path)
+    assert len(maps) == len(BENCHMARK_LINES)
+    for depth, v in zip(maps, values, strict=True):
+        assert depth.dtype == np.float32 and np.array_equal(depth, v.astype(np.float32) / 256)
+    assert not np.array_equal(maps[2], maps[3])  # the 'r' line read image_03's map
+
+
+def _one_line(err: pytest.ExceptionInfo[DataError]) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+ANNOTATED_PROBLEMS = ["missing", "no annotated_dir", "no train or val", "no root", "8-bit",
+                      "rgb", "jpeg", "truncated", "not an image", "all zero"]
+
+
+@pytest.mark.parametrize("problem", ANNOTATED_PROBLEMS)
+def test_annotated_input_errors_are_one_line_naming_the_file(tmp_path: Path,
+                                                             problem: str) -> None:
+    root = tmp_path / "kitti"
+    annotated_dir: Path | None = tmp_path / "data_depth_annotated"
+    make_annotated(annotated_dir, "release")
+    split = write_split(tmp_path / "splits" / "eigen_benchmark", BENCHMARK_LINES)
+    bad = annotated_dir / RELEASE_PATHS[2]
+    fragment = str(bad)
+    if problem == "missing":
+        bad.unlink()
+        in_train = annotated_dir / RELEASE_PATHS[2].replace("val/", "train/", 1)
+        fragment = f"{in_train} or {bad}"  # both folders searched, train/ first
+    elif problem == "no annotated_dir":
+        annotated_dir = fragment = tmp_path / "nowhere"
+    elif problem == "no train or val":
+        annotated_dir = fragment = annotated_dir / "train"
+    elif problem == "no root":
+        annotated_dir, fragment = None, f"data.root={str(root)!r} does not exist"
+    elif problem == "8-bit":
+        Image.fromarray(np.full((H, W), 40, np.uint8)).save(bad)
+    elif problem == "rgb":
+        Image.fromarray(np.full((H, W, 3), 40, np.uint8)).save(bad, format="PNG")
+    elif problem == "jpeg":
+        Image.fromarray(np.full((H, W), 40, np.uint8)).save(bad, format="JPEG")
+    elif problem == "truncated":
+        bad.write_bytes(bad.read_bytes()[:300])
+    elif problem == "not an image":
+        bad.write_bytes(b"not a png")
+    else:
+        write_depth_png(bad, np.zeros((H, W)))
+    with pytest.raises(DataError) as err:
+        export_annotated_depths(root, split, tmp_path / "out.npz", annotated_dir=annotated_dir,
+                                progress=False)
+    assert str(fragment) in _one_line(err)
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_missing_map_is_counted_and_the_eigen_split_is_pointed_at(tmp_path: Path) -> None:
+    """Scoring the 697-line eigen split on annotated maps: the 45 lines KITTI does not annotate
+    are one error before anything is read, which says which split to use."""
+    root = tmp_path / "kitti"
+    make_annotated(root, "raw_tree")
+    split = write_split(tmp_path / "splits" / "eigen", [*BENCHMARK_LINES, f"{DRIVE} 7 l",
+                                                        f"{DRIVE} 8 l"])
+    with pytest.raises(DataError) as err:
+        export_annotated_depths(root, split, tmp_path / "out.npz", progress=False)
+    message = _one_line(err)
+    assert str(root / DRIVE / "proj_depth/groundtruth/image_02/0000000007.png") in message
+    assert f"line '{DRIVE} 7 l' of {split}" in message and "2 of 6 lines have none" in message
+    assert "eigen_benchmark split" in message and "annotated_dir=" in message
