@@ -14,7 +14,7 @@ from fsre_lightning.cli.export_gt import run
 from fsre_lightning.data import KittiDataModule, load_gt_depths, read_split
 from fsre_lightning.data.annotated import export_annotated_depths, read_annotated_depth
 from fsre_lightning.data.velodyne import export_gt_depths, velodyne_depth
-from fsre_lightning.errors import DataError
+from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.evaluation import evaluate_eigen
 from fsre_lightning.testing import command_env, compose_config, run_command
 
@@ -307,11 +307,11 @@ def annotated_values(seed: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
     return values.astype(np.uint16)
 
 
-def make_annotated(base: Path, layout: str) -> list[np.ndarray]:
+def make_annotated(base: Path, layout: str, seed: int = 0) -> list[np.ndarray]:
     """The maps of BENCHMARK_LINES under `base` in `layout` ("release" or "raw_tree"); returns
     their uint16 values in line order (each line's differ, the right camera's too)."""
     paths = RELEASE_PATHS if layout == "release" else RAW_TREE_PATHS
-    values = [annotated_values(seed) for seed in range(len(paths))]
+    values = [annotated_values(seed + i) for i in range(len(paths))]
     for path, v in zip(paths, values, strict=True):
         write_depth_png(base / path, v)
     return values
@@ -404,3 +404,63 @@ def test_a_missing_map_is_counted_and_the_eigen_split_is_pointed_at(tmp_path: Pa
     assert str(root / DRIVE / "proj_depth/groundtruth/image_02/0000000007.png") in message
     assert f"line '{DRIVE} 7 l' of {split}" in message and "2 of 6 lines have none" in message
     assert "eigen_benchmark split" in message and "annotated_dir=" in message
+
+
+def test_config_source_follows_the_split_folder(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_kitti(tmp_path)  # velodyne scans of DRIVE's frames 0 and 1
+    in_raw_tree = make_annotated(root, "raw_tree")
+    annotated_dir = tmp_path / "data_depth_annotated"
+    released = make_annotated(annotated_dir, "release", seed=10)
+    # split=eigen_benchmark: the annotated maps, by default inside the raw tree
+    benchmark = tmp_path / "splits" / "eigen_benchmark"
+    write_split(benchmark, BENCHMARK_LINES)
+    assert run(_compose(tmp_path, [f"data.root={root}", "split=eigen_benchmark"])
+               ) == benchmark / "gt_depths.npz"
+    assert f"wrote the annotated ground truth of {benchmark / 'test_files.txt'}" in (
+        capsys.readouterr().out)
+    maps = load_gt_depths(benchmark / "gt_depths.npz")
+    assert all(np.array_equal(m, v / np.float32(256)) for m, v in zip(maps, in_raw_tree,
+                                                                       strict=True))
+    run(_compose(tmp_path, [f"data.root={root}", "split=eigen_benchmark",
+                            f"annotated_dir={annotated_dir}"]))
+    assert np.array_equal(load_gt_depths(benchmark / "gt_depths.npz")[3],
+                          released[3] / np.float32(256))
+    # any other split folder: the velodyne scans, unless source=annotated
+    mine = tmp_path / "splits" / "mine"
+    write_split(mine, BENCHMARK_LINES[:2])
+    run(_compose(tmp_path, [f"data.root={root}", "split=mine"]))
+    assert np.array_equal(load_gt_depths(mine / "gt_depths.npz")[1],
+                          velodyne_depth(root / DATE, scan(root, 0)))
+    run(_compose(tmp_path, [f"data.root={root}", "split=mine", "source=annotated"]))
+    assert np.array_equal(load_gt_depths(mine / "gt_depths.npz")[1],
+                          in_raw_tree[1] / np.float32(256))
+    with pytest.raises(ConfigError, match=r"annotated_dir=.* read only when the source is "
+                       r"annotated; source=auto picks velodyne for split folder 'mine'"):
+        run(_compose(tmp_path, [f"data.root={root}", "split=mine",
+                                f"annotated_dir={annotated_dir}"]))
+
+
+@pytest.mark.slow
+def test_cli_exports_annotated_maps_and_names_a_missing_one_in_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "kitti"
+    annotated_dir = tmp_path / "data_depth_annotated"
+    values = make_annotated(annotated_dir, "release")
+    split_dir = tmp_path / "splits" / "eigen_benchmark"
+    write_split(split_dir, BENCHMARK_LINES)
+    args = [f"data.root={root}", "split=eigen_benchmark", f"annotated_dir={annotated_dir}"]
+    ok = _cli(tmp_path, args)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"wrote the annotated ground truth of {split_dir / 'test_files.txt'}" in ok.stdout
+    maps = load_gt_depths(split_dir / "gt_depths.npz")
+    assert np.array_equal(maps[2], values[2] / np.float32(256))
+
+    (split_dir / "gt_depths.npz").unlink()
+    (annotated_dir / RELEASE_PATHS[3]).unlink()
+    bad = _cli(tmp_path, args)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsre_lightning.export_gt: error: "), lines
+    assert str(annotated_dir / RELEASE_PATHS[3]) in lines[0]
+    assert not (split_dir / "gt_depths.npz").exists()
+    assert not (tmp_path / "outputs").exists()

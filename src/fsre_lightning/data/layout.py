@@ -48,12 +48,18 @@ LABEL_SOURCES = ("files", "predicted")  # label PNGs, or `pseudolabel predict`'s
 ON_ERROR = ("raise", "skip")  # a file that cannot be read when it is used
 
 
-def gt_source(source: str, split_dir: str | os.PathLike[str]) -> str:
+def gt_source(source: str, split_dir: str | os.PathLike[str],
+              annotated_dir: str | os.PathLike[str] | None = None) -> str:
     """`velodyne` or `annotated`: `source` itself, or for `auto` what the split folder's name
-    picks (annotated for eigen_benchmark)."""
-    if source != "auto":
-        return source
-    return "annotated" if Path(split_dir).name == ANNOTATED_SPLIT else "velodyne"
+    picks (annotated for eigen_benchmark). An `annotated_dir` that the source would not read
+    is a ConfigError: a mistake, not a default."""
+    picked = source
+    if source == "auto":
+        picked = "annotated" if Path(split_dir).name == ANNOTATED_SPLIT else "velodyne"
+    require(annotated_dir is None or picked == "annotated", "annotated_dir", annotated_dir,
+            f"read only when the source is annotated; source={source} picks {picked} for split "
+            f"folder {Path(split_dir).name!r}: set source=annotated, or leave annotated_dir null")
+    return picked
 
 
 def check_intrinsics(key: str, value: Any) -> None:
