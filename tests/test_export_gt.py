@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from fsre_lightning.cli.evaluate import run as evaluate
 from fsre_lightning.cli.export_gt import run
 from fsre_lightning.data import KittiDataModule, load_gt_depths, read_split
 from fsre_lightning.data.annotated import export_annotated_depths, read_annotated_depth
 from fsre_lightning.data.velodyne import export_gt_depths, velodyne_depth
 from fsre_lightning.errors import ConfigError, DataError
-from fsre_lightning.evaluation import evaluate_eigen
+from fsre_lightning.evaluation import EIGEN_KEYS, evaluate_eigen
 from fsre_lightning.testing import command_env, compose_config, run_command
+from fsre_lightning.testing.checkpoints import make_run
 
 DATE = "2011_01_01"
 DRIVE = f"{DATE}/{DATE}_drive_0001_sync"
@@ -464,3 +470,113 @@ def test_cli_exports_annotated_maps_and_names_a_missing_one_in_one_line(tmp_path
     assert str(annotated_dir / RELEASE_PATHS[3]) in lines[0]
     assert not (split_dir / "gt_depths.npz").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+# ------------------------------------ evaluate against the improved ground truth, end to end
+@pytest.fixture(scope="module")
+def checkpoint(module_tmp: Callable[[str], Path]) -> Path:
+    """A randomly initialised model trained (by its record) at 64 x 192."""
+    return make_run(module_tmp("run"))
+
+
+def write_frames(root: Path, lines: list[str], size: tuple[int, int] = (H, W)) -> None:
+    """A random RGB image for each line's frame, in the line's camera."""
+    rng = np.random.default_rng(0)
+    for line in lines:
+        folder, frame, side = line.split()
+        camera = "image_02" if side == "l" else "image_03"
+        path = root / folder / camera / "data" / f"{int(frame):010d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def _evaluate(tmp_path: Path, overrides: list[str]) -> dict[str, Any]:
+    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={tmp_path / 'outputs'}", "data=kitti", "data.num_workers=0",
+            "data.batch_size=4", "data.pin_memory=false", "device=cpu"]
+    return evaluate(compose_config("evaluate", [*base, *overrides]))
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_improved_ground_truth_with_the_eigen_protocol(
+        tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "kitti"
+    write_frames(root, BENCHMARK_LINES)
+    annotated_dir = tmp_path / "data_depth_annotated"
+    make_annotated(annotated_dir, "release")  # depths up to 90 m: some beyond the cap
+    split_dir = tmp_path / "splits" / "eigen_benchmark"
+    write_split(split_dir, BENCHMARK_LINES)
+    run(_compose(tmp_path, [f"data.root={root}", "split=eigen_benchmark",
+                            f"annotated_dir={annotated_dir}"]))
+
+    data = [f"ckpt_path={checkpoint}", f"data.root={root}", f"data.split_dir={split_dir}"]
+    results = _evaluate(tmp_path, [*data, f"metrics_path={tmp_path / 'garg.json'}"])
+    assert "4 frames scored" in capsys.readouterr().out
+    written = json.loads((tmp_path / "garg.json").read_text())
+    assert written["num_frames"] == 4 and written["num_frames_without_gt"] == 0
+    assert all(math.isfinite(written[key]) for key in EIGEN_KEYS)
+    settings = written["settings"]
+    assert settings["split_dir"] == str(split_dir) and settings["median_scaling"] is True
+    assert (settings["crop"], settings["min_depth"], settings["max_depth"]) == ("garg", 1e-3, 80.0)
+    # The crop and the cap act on these maps as on eigen's: without either, other numbers.
+    uncropped = _evaluate(tmp_path, [*data, "data.eval_crop=none",
+                                     f"metrics_path={tmp_path / 'none.json'}"])
+    uncapped = _evaluate(tmp_path, [*data, "data.max_depth_eval=100",
+                                    f"metrics_path={tmp_path / 'cap.json'}"])
+    assert uncropped["num_frames"] == uncapped["num_frames"] == 4
+    for other in (uncropped, uncapped):
+        assert abs(other["abs_rel"] - results["abs_rel"]) > 1e-4
+
+
+SAMPLE_LINES = ["2011_09_26/2011_09_26_drive_0005_sync 0 l",
+                *(f"2011_09_26/2011_09_26_drive_0000_sync {f} l" for f in range(1, 5))]
+
+
+def sample_annotated(tmp_path: Path) -> tuple[Path, Path, list[np.ndarray]]:
+    """Annotated maps for the real sample frames, fabricated beside them in tmp_path (KITTI's
+    own are not in the sample): their velodyne projection stored as KITTI stores depth, in
+    data_depth_annotated's layout. Returns (annotated_dir, split file, the uint16 values)."""
+    annotated_dir = tmp_path / "data_depth_annotated"
+    values = []
+    for line in SAMPLE_LINES:
+        folder, frame, _ = line.split()
+        scan_file = SAMPLE.parent / folder / "velodyne_points" / "data" / f"{int(frame):010d}.bin"
+        v = np.round(velodyne_depth(SAMPLE, scan_file) * 256).astype(np.uint16)
+        drive = folder.split("/")[1]
+        write_depth_png(annotated_dir / "train" / drive / "proj_depth" / "groundtruth"
+                        / "image_02" / f"{int(frame):010d}.png", v)
+        values.append(v)
+    return annotated_dir, write_split(tmp_path / "eigen_benchmark", SAMPLE_LINES), values
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/kitti_sample not present")
+def test_real_sample_annotated_maps_are_read_back_exactly(tmp_path: Path) -> None:
+    annotated_dir, split, values = sample_annotated(tmp_path)
+    path = export_annotated_depths(SAMPLE.parent, split, split.parent / "gt_depths.npz",
+                                   annotated_dir=annotated_dir, progress=False)
+    maps = load_gt_depths(path)
+    assert len(maps) == len(SAMPLE_LINES)
+    for depth, v in zip(maps, values, strict=True):
+        assert depth.shape == (375, 1242) == v.shape  # the raw images' size
+        assert np.array_equal(depth, v.astype(np.float32) / 256)
+        assert 10_000 < np.count_nonzero(depth) < 40_000
+    # Stored in 1/256 m steps, the projection comes back within half a step.
+    velodyne = velodyne_depth(SAMPLE, SAMPLE / "2011_09_26_drive_0005_sync" / "velodyne_points"
+                              / "data" / "0000000000.bin")
+    assert np.array_equal(maps[0] > 0, velodyne > 0)
+    assert np.abs(maps[0] - velodyne).max() <= 1 / 512
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/kitti_sample not present")
+def test_real_sample_evaluate_on_annotated_maps(tmp_path: Path, checkpoint: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    annotated_dir, split, _ = sample_annotated(tmp_path)
+    run(_compose(tmp_path, [f"data.root={SAMPLE.parent}", f"split_dir={split.parent}",
+                            f"annotated_dir={annotated_dir}"]))
+    results = _evaluate(tmp_path, [f"ckpt_path={checkpoint}", f"data.root={SAMPLE.parent}",
+                                   f"data.split_dir={split.parent}",
+                                   f"metrics_path={tmp_path / 'metrics.json'}"])
+    assert "5 frames scored" in capsys.readouterr().out
+    assert results["num_frames"] == 5 and results["num_frames_without_gt"] == 0
+    assert all(math.isfinite(results[key]) for key in EIGEN_KEYS)
