@@ -177,6 +177,10 @@ EXPORT_GT_CASES: list[tuple[str, str]] = [
     ("progress=2", "progress"),
     ("+data.rooot=/data", "data.rooot"),
     ("+bar=1", "bar"),
+    ("source=lidar", "source"),
+    ("source=null", "source"),
+    ("annotated_dir=''", "annotated_dir"),
+    ("annotated_dir=[a]", "annotated_dir"),
 ]
 
 
@@ -207,6 +211,7 @@ FAST = {
     "data=video_folder", "init_weights=a.ckpt ckpt_path=b.ckpt",
     "height=100", "device=gpu", "+data.split=eigen", "input=???", "format=tflite",
     "scale_factor=2 camera_height=1.65", "subset=train", "+data.rooot=/data",
+    "source=lidar",
 }
 
 
@@ -258,7 +263,9 @@ def test_invalid_export_gt_override_is_rejected(compose: Any, overrides: str, ke
      ("evaluate", "ckpt_path=x.ckpt height=96 width=320 device=cuda:1"),
      ("predict", "ckpt_path=x.ckpt input=in.png camera_height=1.65 intrinsics=[1,1,0.5,0.5]"),
      ("export", "ckpt_path=x.ckpt format=torchscript height=64 width=192"),
-     ("export_gt", "subset=val")],
+     ("export_gt", "subset=val"),
+     ("export_gt", "split=eigen_benchmark annotated_dir=/data/depth_annotated"),
+     ("export_gt", "source=annotated annotated_dir=/data/depth_annotated subset=val")],
 )
 def test_valid_configs_pass(compose: Any, entry: str, overrides: str) -> None:
     validate_config(compose(entry, overrides), entry)

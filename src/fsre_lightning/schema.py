@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from fsre_lightning.data.layout import check_intrinsics
+from fsre_lightning.data.layout import GT_SOURCES, check_intrinsics
 from fsre_lightning.models.encoder import check_image_size
 from fsre_lightning.rules import (
     check_choice,
@@ -313,11 +313,17 @@ class ExportGtConfig(_Entry):
     subset: str = MISSING
     output: str | None = MISSING
     progress: bool = MISSING
+    source: str = MISSING
+    annotated_dir: str | None = MISSING
 
     def __post_init__(self) -> None:
         check_path("split_dir", self.split_dir)
         check_choice("subset", self.subset, ("test", "val"))
         check_path("output", self.output, nullable=True)
+        check_choice("source", self.source, GT_SOURCES)
+        check_path("annotated_dir", self.annotated_dir, nullable=True)
+        # Whether annotated_dir is read depends on split_dir's resolved name: `layout.gt_source`
+        # checks that when the command runs.
 
 
 @dataclass(kw_only=True)

@@ -3,8 +3,8 @@
 Modules, from the bottom up: `layout` (where KITTI files lie; numpy and pathlib only),
 `decode` (files to arrays), `cache` and `kitti_cache` (decoded-once memory-mapped splits),
 `dataset` (one split's samples), `augment`, `resumable` (exact mid-epoch resume), `kitti`
-(the DataModule), `synthetic` (the built-in scenes), `velodyne` (ground truth), `video_folder`
-(your own footage) and `pseudolabels`.
+(the DataModule), `synthetic` (the built-in scenes), `velodyne` and `annotated` (ground truth:
+projected scans, KITTI's annotated maps), `video_folder` (your own footage) and `pseudolabels`.
 
 The names below are imported on first use, so that `fsre_lightning.data.layout` (which the
 scene generator's worker processes import) stays as light as it is.

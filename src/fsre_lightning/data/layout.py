@@ -3,6 +3,9 @@
     ROOT/<date>/calib_cam_to_cam.txt, calib_velo_to_cam.txt
     ROOT/<date>/<drive>_sync/image_0{2,3}/data/<10-digit frame>.{png,jpg}   left, right camera
     ROOT/<date>/<drive>_sync/velodyne_points/data/<10-digit frame>.bin
+    ROOT/<date>/<drive>_sync/proj_depth/groundtruth/image_0{2,3}/<10-digit frame>.png
+    ANNOTATED_DIR/{train,val}/<drive>_sync/proj_depth/groundtruth/image_0{2,3}/<frame>.png
+                                    KITTI's improved ground truth (uint16, metres x 256)
     LABEL_DIR/<date>/<drive>_sync/image_0{2,3}/<10-digit frame>.png          pseudo-labels
     SPLIT_DIR/<split>_files.txt     lines "<date>/<drive>_sync <frame> <l|r>"
     SPLIT_DIR/gt_depths.npz         ground truth of the test lines (gt_depths_val.npz: val)
@@ -30,12 +33,33 @@ SIDE_TO_CAMERA = {"l": 2, "r": 3}  # split-file side -> KITTI camera (2 = left c
 CALIB_FILES = ("calib_cam_to_cam.txt", "calib_velo_to_cam.txt")
 # Ground-truth archive of each evaluated subset, beside its split file.
 GT_FILE_NAMES = {"test": "gt_depths.npz", "val": "gt_depths_val.npz"}
+# Where export_gt takes the maps from: projected velodyne scans, or KITTI's annotated depth maps
+# (the "improved ground truth" of the depth benchmark); auto: annotated for a split folder named
+# ANNOTATED_SPLIT (Monodepth2's 652-line eigen_benchmark), velodyne otherwise.
+GT_SOURCES = ("auto", "velodyne", "annotated")
+ANNOTATED_SPLIT = "eigen_benchmark"
+# data_depth_annotated's two folders; a drive lies in one of them.
+ANNOTATED_SUBSETS = ("train", "val")
 # KITTI's normalised intrinsics (fx, fy, cx, cy), shared by every frame of the raw set.
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)
 
 LABEL_FORMATS = ("train_ids", "label_ids")  # what label PNGs store (label_ids: the release's)
 LABEL_SOURCES = ("files", "predicted")  # label PNGs, or `pseudolabel predict`'s cache
 ON_ERROR = ("raise", "skip")  # a file that cannot be read when it is used
+
+
+def gt_source(source: str, split_dir: str | os.PathLike[str],
+              annotated_dir: str | os.PathLike[str] | None = None) -> str:
+    """`velodyne` or `annotated`: `source` itself, or for `auto` what the split folder's name
+    picks (annotated for eigen_benchmark). An `annotated_dir` that the source would not read
+    is a ConfigError: a mistake, not a default."""
+    picked = source
+    if source == "auto":
+        picked = "annotated" if Path(split_dir).name == ANNOTATED_SPLIT else "velodyne"
+    require(annotated_dir is None or picked == "annotated", "annotated_dir", annotated_dir,
+            f"read only when the source is annotated; source={source} picks {picked} for split "
+            f"folder {Path(split_dir).name!r}: set source=annotated, or leave annotated_dir null")
+    return picked
 
 
 def check_intrinsics(key: str, value: Any) -> None:
@@ -205,6 +229,25 @@ def resolve_images(root: Path, entries: Sequence[SplitEntry], frame_ids: Sequenc
             f"Check data.root ({root}) and data.img_ext ({img_ext}); frames "
             f"{list(frame_ids)} of every line of the {split_name} split must exist.")
     return image_paths
+
+
+# ------------------------------------------------------------- annotated ground truth
+def annotated_file(base: Path, drive: str, camera: str, frame: int) -> Path:
+    """BASE/<drive>/proj_depth/groundtruth/<camera>/<frame>.png: the depth benchmark's layout
+    below each of its subset folders (drive = <drive>_sync), and Monodepth2's inside the raw tree
+    (BASE = ROOT, drive = <date>/<drive>_sync)."""
+    return base / drive / "proj_depth" / "groundtruth" / camera / f"{frame_name(frame)}.png"
+
+
+def annotated_candidates(root: Path, annotated_dir: Path | None, entry: SplitEntry
+                         ) -> list[Path]:
+    """Where the annotated map of a line may lie, in search order: inside the raw tree
+    (annotated_dir None), else under each of annotated_dir's train/ and val/."""
+    if annotated_dir is None:
+        return [annotated_file(root, entry.folder, entry.camera, entry.frame)]
+    drive = entry.folder.split("/")[-1]  # <date>_drive_<NNNN>_sync, without the date folder
+    return [annotated_file(annotated_dir / subset, drive, entry.camera, entry.frame)
+            for subset in ANNOTATED_SUBSETS]
 
 
 # ----------------------------------------------------------------- velodyne ground truth
