@@ -1,18 +1,25 @@
 """Pose evaluation on KITTI odometry (docs/design.md 3.16): the maths against hand-computed
 values, the files' checks, and `evaluate_pose` end to end on fabricated sequences whose answer
-is known."""
+is known (a perfect, a scaled and a drifting pose predictor)."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from kornia.geometry.conversions import rotation_matrix_to_axis_angle
 from PIL import Image
 
-from fsre_lightning.errors import DataError
+from fsre_lightning.cli import evaluate_pose
+from fsre_lightning.config import validate_config
+from fsre_lightning.errors import ConfigError, DataError
+from fsre_lightning.models.pose import PoseNetwork
 from fsre_lightning.odometry import (
     chain_positions,
     load_sequence,
@@ -22,6 +29,8 @@ from fsre_lightning.odometry import (
     summarise,
     trajectory_errors,
 )
+from fsre_lightning.testing import compose_config
+from fsre_lightning.testing.checkpoints import make_run
 
 
 # ------------------------------------------------------------------ fabricated trajectories
@@ -256,3 +265,159 @@ def test_every_input_error_is_one_line_naming_the_file(tmp_path: Path) -> None:
     _fails_naming(root, 9, str(poses), "at least 2 frames")
     write_poses(poses, curve(6))
     assert len(load_sequence(root, 9).frames) == 6
+
+
+# ----------------------------------------------------------------------------- the command
+def test_the_config_is_checked_before_any_work() -> None:
+    good = ["ckpt_path=x.ckpt", "odom_root=/data/odom"]
+    validate_config(compose_config("evaluate_pose", good), "evaluate_pose")
+    for override, key in (("sequences=[]", "sequences="), ("sequences=[9,9]", "sequences="),
+                          ("batch_size=0", "batch_size="), ("odom_root=???", "odom_root="),
+                          ("height=64", "height=")):
+        with pytest.raises(ConfigError, match=key):
+            validate_config(compose_config("evaluate_pose", [*good, override]),
+                            "evaluate_pose")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(module_tmp: Callable[[str], Path]) -> Path:
+    """A randomly initialised model trained (as it records) at 64 x 192, depth only."""
+    return make_run(module_tmp("run"), segmentation=False, height=64, width=192)
+
+
+def _run(ckpt: Path, root: Path, *overrides: str) -> dict[str, Any]:
+    cfg = compose_config("evaluate_pose", [f"ckpt_path={ckpt}", f"odom_root={root}",
+                                           "device=cpu", *overrides])
+    return evaluate_pose.run(cfg)
+
+
+def test_a_random_network_gets_a_finite_score(tmp_path: Path, checkpoint: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_odometry(tmp_path / "odom", curve(7), sequence=9)
+    make_odometry(root, straight(6), sequence=10)
+    results = _run(checkpoint, root, "sequences=[9,10]", "batch_size=4")
+    written = json.loads((checkpoint.parent / "last.eval-pose-09-10.json").read_text())
+    assert written == results
+    assert list(written["sequences"]) == ["09", "10"]
+    nine, ten = written["sequences"]["09"], written["sequences"]["10"]
+    assert (nine["num_frames"], nine["num_snippets"]) == (7, 6)
+    assert (ten["num_frames"], ten["num_snippets"]) == (6, 5)
+    assert all(math.isfinite(s["ate_mean"]) and s["ate_mean"] > 0 and s["ate_std"] >= 0
+               for s in (nine, ten))
+    assert (written["settings"]["height"], written["settings"]["width"]) == (64, 192)
+    out = capsys.readouterr().out
+    assert f"Trajectory error: {nine['ate_mean']:0.3f}, std: {nine['ate_std']:0.3f}" in out
+    assert "sequence 10: 6 frames, 5 snippets" in out
+    assert out.count("±") == 2 and out.rstrip().splitlines()[-2].endswith("\\\\")
+
+
+class FakePose(torch.nn.Module):
+    """A pose network that reads which frames it was given (`frame_index`) and answers with
+    `motions[i]` for the pair (frame i, frame i + 1) as axis-angle and translation; any other
+    pair fails the test. `transform` is the real network's."""
+
+    transform = PoseNetwork.transform
+
+    def __init__(self, motions: np.ndarray) -> None:
+        super().__init__()
+        matrices = torch.from_numpy(np.asarray(motions))
+        self.axisangle = rotation_matrix_to_axis_angle(matrices[:, :3, :3]).float()
+        self.translation = matrices[:, :3, 3].float()
+
+    def forward(self, frame_a: torch.Tensor, frame_b: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        first = [frame_index(image) for image in frame_a]
+        second = [frame_index(image) for image in frame_b]
+        assert second == [i + 1 for i in first], (first, second)
+        return self.axisangle[first], self.translation[first]
+
+
+def _with_pose(monkeypatch: pytest.MonkeyPatch, motions: np.ndarray) -> None:
+    """The command loads the checkpoint as usual; its pose network is replaced by FakePose."""
+    load = evaluate_pose.load_module
+
+    def load_module(ckpt_path: Any, device: torch.device) -> Any:
+        module = load(ckpt_path, device)
+        module.pose_net = FakePose(motions)
+        return module
+
+    monkeypatch.setattr(evaluate_pose, "load_module", load_module)
+
+
+def test_known_answers_through_the_command(tmp_path: Path, checkpoint: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    poses = curve(8)
+    root = make_odometry(tmp_path / "odom", poses)
+    metrics = tmp_path / "pose.json"
+    gt = relative_motions(poses)
+    _with_pose(monkeypatch, gt)  # a perfect predictor
+    perfect = _run(checkpoint, root, "sequences=[9]", "batch_size=3",
+                   f"metrics_path={metrics}")["sequences"]["09"]
+    assert perfect["num_snippets"] == 7
+    assert perfect["ate_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads(metrics.read_text())["sequences"]["09"] == perfect
+
+    scaled = gt.copy()
+    scaled[:, :3, 3] *= 0.05  # a monocular network's arbitrary scale
+    _with_pose(monkeypatch, scaled)
+    result = _run(checkpoint, root, "sequences=[9]", f"metrics_path={metrics}")
+    assert result["sequences"]["09"]["ate_mean"] == pytest.approx(0.0, abs=1e-6)
+
+    straight_root = make_odometry(tmp_path / "straight", straight(8))
+    drifting = relative_motions(straight(8))
+    drifting[:, 0, 3] = 0.1
+    _with_pose(monkeypatch, drifting)
+    result = _run(checkpoint, straight_root, "sequences=[9]", "batch_size=16",
+                  f"metrics_path={metrics}")["sequences"]["09"]
+    expected = drift_errors(8, 0.1)
+    assert result["ate_mean"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert result["ate_std"] == pytest.approx(np.std(expected), abs=1e-6)
+
+
+def test_input_errors_stop_with_one_line(tmp_path: Path, checkpoint: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_odometry(tmp_path / "odom", curve(5))
+    image = root / "sequences" / "09" / "image_2" / "000002.png"
+    poses = root / "poses" / "09.txt"
+    base = [f"ckpt_path={checkpoint}", f"odom_root={root}", "device=cpu", "sequences=[9]"]
+
+    def fails(overrides: list[str], *fragments: str) -> None:
+        assert evaluate_pose.main([*base, *overrides]) == 2, overrides
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("fsre_lightning.evaluate_pose: error: ")
+        assert all(f in lines[0] for f in fragments), err
+
+    fails([f"ckpt_path={tmp_path / 'none.ckpt'}"], "no such checkpoint", "none.ckpt")
+    fails(["sequences=[9,10]"], "no image folder", str(root / "sequences" / "10"))
+    fails(["sequences=[]"], "sequences=[]", "not allowed")
+    image.write_bytes(b"not a png")
+    fails([], "cannot decode image", str(image))
+    image.unlink()
+    fails([], "missing image", str(image))
+    poses.write_text("1 2 3\n")
+    fails([], f"{poses}:1: expected 12")
+    assert not list(tmp_path.rglob("*.json"))
+    assert not (checkpoint.parent / "last.eval-pose-09.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_scores_and_fails_in_one_line(tmp_path: Path, checkpoint: Path,
+                                          command: Any) -> None:
+    root = make_odometry(tmp_path / "odom", curve(6), sequence=10)
+    metrics = tmp_path / "out" / "pose.json"
+    args = [f"ckpt_path={checkpoint}", f"odom_root={root}", "sequences=[10]", "device=cpu"]
+    result = command("evaluate_pose", [*args, f"metrics_path={metrics}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(metrics.read_text())["sequences"]["10"]
+    assert (f"   Trajectory error: {scores['ate_mean']:0.3f}, std: {scores['ate_std']:0.3f}"
+            in result.stdout)
+    assert not (tmp_path / "outputs").exists()  # no run folder
+
+    write_poses(root / "poses" / "10.txt", curve(9))  # three poses more than frames
+    failed = command("evaluate_pose", args)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == [
+        f"fsre_lightning.evaluate_pose: error: missing image "
+        f"{root / 'sequences' / '10' / 'image_2' / '000006.png'}: {root / 'poses' / '10.txt'} "
+        "has 9 poses, one per frame 000000 to 000008"]
