@@ -29,7 +29,7 @@ from fsre_lightning.models.pose import PoseNetwork
 # Frames per snippet (Monodepth2's `track_length`): 4 chained motions.
 TRACK_LENGTH = 5
 CAMERA_FOLDER = "image_2"  # the left colour camera, as Monodepth2's odometry split ("l")
-# How far a pose's 3 x 3 block may be from a rotation (max |R^T R - I|): KITTI's files print six
+# How far a pose's 3 x 3 block may be from a rotation (max |R^T R - I|): KITTI's files print seven
 # significant digits, so real poses are within about 1e-5; anything far off is not a pose.
 _ROTATION_TOLERANCE = 1e-2
 
