@@ -67,8 +67,9 @@ def _schema(path: str, values: dict[str, Any]) -> type | None:
 
 
 def validate_config(cfg: DictConfig, entry: str) -> DictConfig:
-    """Check the composed config of command `entry` (train, evaluate, export_gt, predict or
-    export) before any work; raises ConfigError naming the first bad key. Returns `cfg`."""
+    """Check the composed config of command `entry` (train, evaluate, evaluate_pose, export_gt,
+    predict or export) before any work; raises ConfigError naming the first bad key. Returns
+    `cfg`."""
     from fsre_lightning.schema import ENTRIES
 
     raise_unless(entry in ENTRIES, f"entry={entry!r}: one of {sorted(ENTRIES)}")

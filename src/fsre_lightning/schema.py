@@ -377,6 +377,28 @@ class ExportConfig(_CheckpointEntry):
         check_number("tolerance", self.tolerance, lo=0, strict=True)
 
 
+@dataclass(kw_only=True)
+class EvaluatePoseConfig(_CheckpointEntry):
+    """`conf/evaluate_pose.yaml`'s own keys."""
+
+    odom_root: str = MISSING
+    sequences: list[int] = MISSING
+    batch_size: int = MISSING
+    metrics_path: str | None = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _required("odom_root", self.odom_root, "odom_root=<KITTI odometry folder holding "
+                                               "sequences/ and poses/>")
+        seqs = self.sequences
+        require(len(seqs) > 0 and all(is_int(s) and 0 <= s <= 99 for s in seqs)
+                and len(set(seqs)) == len(seqs), "sequences", seqs,
+                "a non-empty list of distinct sequence numbers 0-99, e.g. [9, 10] (KITTI's "
+                "ground truth covers 0-10)")
+        check_int("batch_size", self.batch_size, lo=1)
+        check_path("metrics_path", self.metrics_path, nullable=True)
+
+
 ENTRIES: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig,
                             "export_gt": ExportGtConfig, "predict": PredictConfig,
-                            "export": ExportConfig}
+                            "export": ExportConfig, "evaluate_pose": EvaluatePoseConfig}
