@@ -92,10 +92,10 @@ def published() -> Iterator[SimpleNamespace]:
         pytest.fail(f"{ENV}={CHECKOUT}: no trainer_parallel.py / options.py there; point it at "
                     "a checkout of https://github.com/hyBlue/FSRE-Depth")
 
-    def ours(name: str) -> bool:
+    def is_published(name: str) -> bool:
         return name in PUBLISHED_MODULES or name.split(".")[0] in PUBLISHED_MODULES
 
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if is_published(name)}
     sys.path.insert(0, str(root))
     try:
         import options
@@ -106,7 +106,7 @@ def published() -> Iterator[SimpleNamespace]:
                               depth_utils=utils.depth_utils)
     finally:
         sys.path.remove(str(root))
-        for name in [n for n in sys.modules if ours(n)]:
+        for name in [n for n in sys.modules if is_published(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
 
