@@ -284,7 +284,10 @@ class FSREModule(pl.LightningModule):
             self._log_panel("val/panel", batch, outputs, error)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_depth.compute()
+        # Without ground truth (video folders) no batch updated the depth metrics: nothing to
+        # log, and torchmetrics would warn on every validation. Every DDP rank agrees (all have
+        # ground truth or none), so the skipped sync cannot leave a rank waiting.
+        metrics = self.val_depth.compute() if self.val_depth.update_count > 0 else {}
         for key, value in metrics.items():
             self.log(f"val/{key}", value.float(), prog_bar=key == "abs_rel")
         if self.has_segmentation and self.val_miou.update_count > 0:
