@@ -112,6 +112,29 @@ def test_pose_parameter_count_matches_reference() -> None:
     assert abs(ours - REFERENCE_COUNTS["pose"]) <= 0.005 * REFERENCE_COUNTS["pose"]
 
 
+# Exact counts of the ResNet networks, measured on main before the decoders learnt to adapt to
+# other encoders (docs/design.md 3.1): the release loader needs them unchanged to the last
+# parameter. (network kwargs or "pose", encoder) -> parameters.
+PINNED_COUNTS = {
+    ("full", "resnet18"): 25_249_079,
+    ("md2", "resnet18"): 14_329_236,
+    ("pose", "resnet18"): 12_498_950,
+    ("full", "resnet50"): 49_303_351,
+    ("md2", "resnet50"): 32_522_132,
+    ("pose", "resnet50"): 25_223_686,
+}
+
+
+@pytest.mark.parametrize(("variant", "encoder"), list(PINNED_COUNTS))
+def test_resnet_parameter_counts_are_pinned(variant: str, encoder: str) -> None:
+    if variant == "pose":
+        model: torch.nn.Module = PoseNetwork(encoder=encoder)
+    else:
+        kwargs = {"cma_scales": (), "segmentation": False} if variant == "md2" else {}
+        model = FSRENetwork(encoder=encoder, **kwargs)
+    assert _count(model) == PINNED_COUNTS[(variant, encoder)]
+
+
 def test_no_cma_is_two_plain_decoders() -> None:
     torch.manual_seed(0)
     model = FSRENetwork(cma_scales=()).eval()
