@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import transformation_from_parameters
 from fsre_lightning.models import (
     CrossTaskAttention,
@@ -22,7 +23,13 @@ from fsre_lightning.models import (
     PretrainedWeightsNotFound,
     build_encoder,
 )
-from fsre_lightning.models.decoder import DECODER_CHANNELS
+from fsre_lightning.models.decoder import DECODER_CHANNELS, MonodepthDecoder, skip_sources
+from fsre_lightning.models.encoder import (
+    check_encoder,
+    probe_encoder,
+    select_levels,
+    stack_frame_weights,
+)
 
 H_IMG, W_IMG = 64, 192
 
@@ -110,6 +117,29 @@ def test_parameter_counts_match_reference(kwargs: dict, reference: str) -> None:
 def test_pose_parameter_count_matches_reference() -> None:
     ours = _count(PoseNetwork())
     assert abs(ours - REFERENCE_COUNTS["pose"]) <= 0.005 * REFERENCE_COUNTS["pose"]
+
+
+# Exact counts of the ResNet networks, measured on main before the decoders learnt to adapt to
+# other encoders (docs/design.md 3.1): the release loader needs them unchanged to the last
+# parameter. (network kwargs or "pose", encoder) -> parameters.
+PINNED_COUNTS = {
+    ("full", "resnet18"): 25_249_079,
+    ("md2", "resnet18"): 14_329_236,
+    ("pose", "resnet18"): 12_498_950,
+    ("full", "resnet50"): 49_303_351,
+    ("md2", "resnet50"): 32_522_132,
+    ("pose", "resnet50"): 25_223_686,
+}
+
+
+@pytest.mark.parametrize(("variant", "encoder"), list(PINNED_COUNTS))
+def test_resnet_parameter_counts_are_pinned(variant: str, encoder: str) -> None:
+    if variant == "pose":
+        model: torch.nn.Module = PoseNetwork(encoder=encoder)
+    else:
+        kwargs = {"cma_scales": (), "segmentation": False} if variant == "md2" else {}
+        model = FSRENetwork(encoder=encoder, **kwargs)
+    assert _count(model) == PINNED_COUNTS[(variant, encoder)]
 
 
 def test_no_cma_is_two_plain_decoders() -> None:
@@ -306,7 +336,7 @@ def test_cma_validation() -> None:
         ({"cma_targets": ()}, "cma_targets"),
         ({"disp_scales": (0, 5)}, "disp_scales"),
         ({"num_classes": 0}, "num_classes"),
-        ({"encoder": "convnext_atto"}, "encoder"),  # four feature levels (strides 4..32)
+        ({"encoder": "vit_tiny_patch16_224"}, "encoder"),  # three levels, all at 1/16
         ({"encoder": "no_such_model"}, "encoder"),
     ],
 )
@@ -391,6 +421,141 @@ def test_pose_init_translation_shifts_the_untrained_prediction() -> None:
     torch.testing.assert_close(T[:, 2, 3], t1[:, 2], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="init_translation"):
         PoseNetwork(init_translation=(0.0, 1.0))
+
+# ----------------------------------------------------------------------------- other encoders
+# Small, fast members of three non-ResNet families (docs/design.md 3.1): ConvNeXt starts at 1/4
+# (four levels), EfficientNet and RegNet give five levels at 1/2..1/32 like a ResNet.
+OTHER_ENCODERS = {
+    "convnext_atto": ((40, 80, 160, 320), (4, 8, 16, 32)),
+    "efficientnet_b0": ((16, 24, 40, 112, 320), (2, 4, 8, 16, 32)),
+    "regnetx_002": ((32, 24, 56, 152, 368), (2, 4, 8, 16, 32)),
+}
+
+
+@pytest.mark.parametrize(
+    ("reductions", "chosen"),
+    [
+        ((2, 4, 8, 16, 32), (0, 1, 2, 3, 4)),  # ResNet, EfficientNet, RegNet
+        ((4, 8, 16, 32), (0, 1, 2, 3)),  # ConvNeXt
+        ((1, 2, 4, 8, 16, 32), (1, 2, 3, 4, 5)),  # VGG: the full-resolution level is left out
+        ((4, 8, 8, 16, 32), (0, 2, 3, 4)),  # two levels at 1/8: the deeper one
+        ((4, 8, 16, 32, 64), (0, 1, 2, 3)),  # nothing past 1/32
+    ],
+)
+def test_select_levels_keeps_the_deepest_map_at_each_reduction(reductions, chosen) -> None:
+    assert select_levels(reductions) == chosen
+
+
+@pytest.mark.parametrize("reductions", [(16, 16, 16), (16, 32, 64), (2, 4, 8, 16), (8, 16, 32)])
+def test_select_levels_names_the_missing_reductions(reductions) -> None:
+    with pytest.raises(ValueError, match=r"without 1/\d+"):
+        select_levels(reductions)
+
+
+def test_skip_sources_follow_the_reductions() -> None:
+    assert skip_sources((2, 4, 8, 16, 32)) == {1: 0, 2: 1, 3: 2, 4: 3}
+    assert skip_sources((4, 8, 16, 32)) == {2: 0, 3: 1, 4: 2}  # block 1: no skip
+    for bad in [(2, 4, 8, 16), (4, 2, 8, 16, 32), (4, 4, 8, 16, 32), (3, 8, 16, 32)]:
+        with pytest.raises(ValueError, match="reductions"):
+            skip_sources(bad)
+    with pytest.raises(ValueError, match="one entry per encoder map"):
+        MonodepthDecoder((40, 80, 160, 320), 1, encoder_reductions=(2, 4, 8, 16, 32))
+
+
+@pytest.mark.parametrize("name", list(OTHER_ENCODERS))
+def test_other_encoder_families_give_every_output(name: str) -> None:
+    channels, reductions = OTHER_ENCODERS[name]
+    torch.manual_seed(0)
+    model = FSRENetwork(encoder=name).eval()
+    assert model.encoder.channels == channels and model.encoder.reductions == reductions
+    info = timm.create_model(name, features_only=True).feature_info
+    assert tuple(info.channels()) == channels and tuple(info.reduction()) == reductions
+    # The deepest map feeds block 4; block s takes the 1/2^s map when there is one.
+    for decoder in (model.depth_decoder, model.seg_decoder):
+        assert decoder.upconv0["4"].conv[1].in_channels == channels[-1]
+        for s in range(5):
+            skip = channels[reductions.index(2**s)] if s > 0 and 2**s in reductions else 0
+            assert decoder.upconv1[str(s)].conv[1].in_channels == DECODER_CHANNELS[s] + skip
+    with torch.no_grad():
+        out = model(_image(2))
+    assert sorted(out["disp"]) == [0, 1, 2, 3]
+    for s, disp in out["disp"].items():
+        assert disp.shape == (2, 1, H_IMG // 2**s, W_IMG // 2**s)
+    assert out["seg_logits"].shape == (2, 19, H_IMG, W_IMG)
+    for s, feat in out["depth_features"].items():
+        assert feat.shape == (2, DECODER_CHANNELS[s], H_IMG // 2**s, W_IMG // 2**s)
+    # CMA works on decoder features, whose widths do not depend on the encoder.
+    for s in ("4", "3", "2"):
+        assert model.cma_depth[s].channels == model.cma_seg[s].channels == DECODER_CHANNELS[int(s)]
+    assert all(torch.isfinite(v).all() for v in out["disp"].values())
+
+
+@pytest.mark.parametrize("name", list(OTHER_ENCODERS))
+def test_pose_network_takes_other_encoder_families(name: str) -> None:
+    channels, _ = OTHER_ENCODERS[name]
+    pose = PoseNetwork(encoder=name, init_translation=(0.0, 0.0, -0.02)).eval()
+    assert pose.encoder.num_input_images == 2 and pose.decoder[0].in_channels == channels[-1]
+    with torch.no_grad():
+        axisangle, translation = pose(_image(2), _image(2))
+        T = pose.transform(_image(2), _image(2), -1)
+    assert axisangle.shape == translation.shape == (2, 3) and T.shape == (2, 4, 4)
+    assert torch.isfinite(T).all()
+
+
+def test_pretrained_multi_frame_stem_of_a_non_resnet(tmp_path: Path) -> None:
+    """The first convolution is found by its shape (ConvNeXt calls it stem.0), repeated per
+    frame and halved; every other weight is the RGB model's."""
+    torch.manual_seed(7)
+    path = tmp_path / "convnext_atto_random.pth"
+    torch.save(timm.create_model("convnext_atto", pretrained=False).state_dict(), path)
+    rgb = build_encoder("convnext_atto", pretrained=True, weights_path=path).model.state_dict()
+    two = build_encoder("convnext_atto", pretrained=True, weights_path=path,
+                        num_input_images=2).model.state_dict()
+    widened = [k for k in rgb if rgb[k].shape != two[k].shape]
+    assert len(widened) == 1 and two[widened[0]].shape[1] == 6
+    w = rgb[widened[0]]
+    torch.testing.assert_close(two[widened[0]], torch.cat([w, w], dim=1) / 2, rtol=0, atol=0)
+    for key in rgb:
+        if key not in widened:
+            torch.testing.assert_close(two[key], rgb[key], rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="first convolution"):
+        stack_frame_weights(rgb, rgb, 2)
+
+
+def test_extra_levels_are_left_out_with_out_indices() -> None:
+    """VGG also returns a full-resolution map: only 1/2..1/32 are built and returned."""
+    levels = probe_encoder("vgg11")
+    assert levels.reductions == (2, 4, 8, 16, 32) and levels.out_indices == (1, 2, 3, 4, 5)
+    encoder = build_encoder("vgg11")
+    assert encoder.reductions == (2, 4, 8, 16, 32)
+    assert [f.shape[-1] for f in encoder(_image(1))] == [W_IMG // r for r in (2, 4, 8, 16, 32)]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("vit_tiny_patch16_224", r"reductions \[16, 16, 16\], without 1/4, 1/8, 1/32"),
+        ("levit_128", r"reductions \[16, 32, 64\], without 1/4, 1/8"),
+        ("swin_tiny_patch4_window7_224", r"fails on a 192 x 640 input.*fixed input size"),
+        ("mambaout_femto", r"\(channels-last\)"),
+    ],
+)
+def test_unusable_encoders_are_one_line_config_errors(name: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^encoder='{name}' is not allowed: .*{reason}") as err:
+        check_encoder("encoder", name)
+    assert "\n" not in str(err.value)
+    assert str(err.value.under("model.network")).startswith(f"model.network.encoder='{name}'")
+    with pytest.raises(ConfigError, match="encoder"):
+        FSRENetwork(encoder=name)
+
+
+def test_the_encoder_probe_leaves_the_random_state_alone() -> None:
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    probe_encoder.__wrapped__("convnext_atto")
+    torch.testing.assert_close(torch.rand(3), want, rtol=0, atol=0)
+
 
 # ----------------------------------------------------------------------------- pretrained
 

@@ -112,6 +112,32 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path, command: Any)
     assert json.loads((resumed_dir / "metrics.json").read_text())["global_step"] == step + 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("encoder", "pose_encoder"),
+    [("convnext_atto", "resnet18"), ("efficientnet_b0", "resnet18"),
+     ("regnetx_002", "regnetx_002")],
+)
+def test_smoke_trains_with_other_encoder_families(tmp_path: Path, command: Any, encoder: str,
+                                                  pose_encoder: str) -> None:
+    """Any timm features_only encoder (docs/design.md 3.1): ConvNeXt (maps from 1/4),
+    EfficientNet and RegNet (from 1/2, also as the pose encoder) run +experiment=smoke, and the
+    checkpoint rebuilds the same networks on its own."""
+    from fsre_lightning.module import FSREModule
+
+    run_dir = tmp_path / "run"
+    result = command("train", ["+experiment=smoke", f"model.network.encoder={encoder}",
+                               "model.network.pretrained=false",
+                               f"model.pose_network.encoder={pose_encoder}", "logger=csv",
+                               f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["after"]["abs_rel"] > 0
+    module = FSREModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt",
+                                             map_location="cpu")
+    assert module.net.encoder.name == encoder and module.pose_net.encoder.name == pose_encoder
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
@@ -139,6 +165,11 @@ def test_bad_input_fails_before_training_with_a_clear_message(
     ("override", "fragment"),
     [
         ("model.network.encoder=notamodel", "model.network.encoder='notamodel' is not allowed"),
+        ("model.network.encoder=vit_tiny_patch16_224",
+         "model.network.encoder='vit_tiny_patch16_224' is not allowed: its features_only levels "
+         "are at reductions [16, 16, 16]"),
+        ("model.pose_network.encoder=swin_tiny_patch4_window7_224",
+         "model.pose_network.encoder='swin_tiny_patch4_window7_224' is not allowed: it fails"),
         ("model.network.pretrained=true", "ImageNet weights of encoder 'resnet18.tv_in1k'"),
         pytest.param("trainer=gpu", "no CUDA device is visible", marks=pytest.mark.skipif(
             torch.cuda.is_available(), reason="this machine has a GPU")),

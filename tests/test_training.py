@@ -131,6 +131,31 @@ def test_one_training_step_updates_every_used_parameter(variant: str) -> None:
     assert (module.net.seg_decoder is not None) == has_seg
 
 
+@pytest.mark.parametrize("encoder", ["convnext_atto", "efficientnet_b0", "regnetx_002"])
+def test_a_training_step_with_other_encoder_families(encoder: str) -> None:
+    """Full model and pose network on three non-ResNet families (docs/design.md 3.1): finite
+    loss, a non-zero gradient for every parameter, the step moves every parameter outside the
+    encoders. (ConvNeXt's layer scale starts at 1e-6, so the gradients of the norms inside its
+    blocks are ~1e-12 and Adam's first step on them is below float32 resolution.)"""
+    torch.manual_seed(0)
+    module = FSREModule(network={**FULL, "encoder": encoder},
+                        pose_network={**POSE, "encoder": encoder},
+                        image_log_every_n_steps=0, **optimiser_configs())
+    (optimizer,), _ = module.configure_optimizers()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _, losses = module._step(make_batch())  # training_step without a Trainer to log to
+    loss = losses["total"]
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in module.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
+    assert not missing
+    optimizer.step()
+    unchanged = [n for n, p in module.named_parameters() if torch.equal(before[n], p)
+                 and not n.startswith(("net.encoder.", "pose_net.encoder."))]
+    assert not unchanged
+
+
 def test_loss_terms_follow_the_config() -> None:
     module = make_module("full")
     _, losses = module._step(make_batch())

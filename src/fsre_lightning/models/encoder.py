@@ -1,9 +1,13 @@
 """timm feature encoders with Monodepth2's input normalisation and ImageNet weights as timm finds
 them.
 
-`build_encoder` wraps `timm.create_model(name, features_only=True)` and checks that the model
-yields five maps at strides 2, 4, 8, 16, 32 (docs/design.md 3.1: stem after the first ReLU, then
-layer1..layer4 for a ResNet).
+`build_encoder` wraps `timm.create_model(name, features_only=True)` and keeps the maps the
+decoders read (docs/design.md 3.1), chosen from the model's `feature_info`: the deepest level at
+each reduction 2, 4, 8, 16, 32, where 4..32 are required and 2 is optional. A ResNet gives all
+five (stem after the first ReLU, then layer1..layer4), as do EfficientNet, RegNet and MobileNet;
+ConvNeXt and most hierarchical transformers start at 1/4 and give four. `check_encoder` finds
+this out before anything is built for real, by building the model and running it once on the
+meta device (no memory, no arithmetic), so an unusable encoder is a one-line config error.
 
 `pretrained=True` takes the weights from, in this order:
 
@@ -23,10 +27,12 @@ If none gives the file, `PretrainedWeightsNotFound` names it and says how to pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -44,9 +50,15 @@ _logger = logging.getLogger(__name__)
 # Monodepth2 / FSRE normalise with one mean and std for every channel (design 3.1).
 INPUT_MEAN = 0.45
 INPUT_STD = 0.225
-EXPECTED_REDUCTIONS = (2, 4, 8, 16, 32)
-# Five stride-2 stages: an input size must be a multiple of 32 for the decoder's skips to line up.
-SIZE_DIVISOR = EXPECTED_REDUCTIONS[-1]
+# Reductions of the encoder maps the decoders read (docs/design.md 3.1): 1/32 feeds decoder
+# block s = 4, and 1/16, 1/8, 1/4, 1/2 are the skips of blocks s = 4, 3, 2, 1. The 1/2 map is
+# optional: without it block 1 has no skip, as block 0 never has.
+DECODER_REDUCTIONS = (2, 4, 8, 16, 32)
+REQUIRED_REDUCTIONS = (4, 8, 16, 32)
+# The deepest map is at 1/32: an input size must be a multiple of 32 for the skips to line up.
+SIZE_DIVISOR = DECODER_REDUCTIONS[-1]
+# The input size of the encoder check (on the meta device, so free): the paper's KITTI size.
+PROBE_SIZE = (192, 640)
 # true: ImageNet weights (downloaded when needed) or an error; false: random init; auto: weights
 # when a local copy exists, else random init with a warning.
 PRETRAINED = (True, False, "auto")
@@ -60,11 +72,133 @@ def check_image_size(key: str, value: Any) -> None:
 
 
 def check_encoder(key: str, value: Any) -> None:
-    """A timm architecture name (with or without a weight tag): known before anything is
-    built, so a typo stops the run before data preparation, not inside timm."""
+    """A timm architecture name (with or without a weight tag) whose `features_only` maps the
+    decoders can read (`probe_encoder`): checked before anything is built for real, so a typo
+    or an unusable model stops the run before data preparation, not inside timm."""
     require(isinstance(value, str) and ":" not in value and timm.is_model(value), key, value,
-            "a timm architecture name such as 'resnet18.tv_in1k' or 'resnet50' "
-            "(timm.list_models() lists them)")
+            "a timm architecture name such as 'resnet18.tv_in1k', 'resnet50' or "
+            "'convnext_tiny' (timm.list_models() lists them)")
+    levels = probe_encoder(value)
+    require(isinstance(levels, FeatureLevels), key, value, str(levels))
+
+
+@dataclass(frozen=True)
+class FeatureLevels:
+    """The maps of a timm `features_only` model that the decoders read, shallowest first.
+
+    `out_indices` is what `timm.create_model` must be given to return exactly these maps, or
+    None when the model's default already does.
+    """
+
+    channels: tuple[int, ...]
+    reductions: tuple[int, ...]
+    out_indices: tuple[int, ...] | None
+
+
+def select_levels(reductions: Sequence[int]) -> tuple[int, ...]:
+    """Positions, in `feature_info` order, of the maps the decoders read: the deepest level at
+    each of DECODER_REDUCTIONS that the model has. ValueError (the reason) when a required
+    reduction is missing or the levels are not ordered from shallow to deep."""
+    found = [int(r) for r in reductions]
+    missing = [r for r in REQUIRED_REDUCTIONS if r not in found]
+    if missing:
+        raise ValueError(
+            f"its features_only levels are at reductions {found}, without "
+            f"{', '.join(f'1/{r}' for r in missing)}; the decoders need maps at 1/4, 1/8, 1/16 "
+            "and 1/32 (and use 1/2 when there is one), as timm's CNNs (resnet18, "
+            "efficientnet_b0, regnetx_002) and hierarchical models (convnext_tiny) give")
+    chosen = tuple(max(i for i, r in enumerate(found) if r == want)
+                   for want in DECODER_REDUCTIONS if want in found)
+    if list(chosen) != sorted(chosen):
+        raise ValueError(f"its features_only levels (reductions {found}) do not run from "
+                         "shallow to deep")
+    return chosen
+
+
+def _levels_of(model: nn.Module, outputs: Sequence[torch.Tensor], size: tuple[int, int]
+               ) -> FeatureLevels:
+    """The decoders' levels of a features_only `model` whose forward on a 1 x 3 x `size` input
+    gave `outputs`; ValueError (the reason) unless they are B x C x H/r x W/r as
+    `feature_info` says."""
+    info = model.feature_info
+    reductions = [int(r) for r in info.reduction()]
+    channels = [int(c) for c in info.channels()]
+    chosen = select_levels(reductions)
+    if len(outputs) != len(reductions):
+        raise ValueError(f"it returns {len(outputs)} maps where feature_info lists "
+                         f"{len(reductions)}")
+    for i in chosen:
+        h, w = size[0] // reductions[i], size[1] // reductions[i]
+        got = tuple(outputs[i].shape)
+        if got != (1, channels[i], h, w):
+            layout = " (channels-last)" if got == (1, h, w, channels[i]) else ""
+            raise ValueError(f"its map at 1/{reductions[i]} has shape {list(got)}{layout} on a "
+                             f"{size[0]} x {size[1]} input, not B x C x H/r x W/r = "
+                             f"{[1, channels[i], h, w]}")
+    out_indices = None
+    if chosen != tuple(range(len(reductions))):
+        out_indices = tuple(int(info.out_indices[i]) for i in chosen)
+    return FeatureLevels(tuple(channels[i] for i in chosen), tuple(reductions[i] for i in chosen),
+                         out_indices)
+
+
+def _build_for_probe(name: str, device: str) -> nn.Module:
+    with torch.device(device):
+        return timm.create_model(name, features_only=True, pretrained=False).eval()
+
+
+def _run_probe(model: nn.Module, device: str) -> list[torch.Tensor]:
+    with torch.device(device), torch.no_grad():
+        return list(model(torch.zeros(1, 3, *PROBE_SIZE)))
+
+
+@functools.cache
+def probe_encoder(name: str) -> FeatureLevels | str:
+    """The decoders' levels of timm model `name`, or why the decoders cannot use it.
+
+    The model is built and run once at PROBE_SIZE on the meta device, which costs neither
+    memory nor arithmetic whatever its size; only what fails there (an operation without a meta
+    kernel) is redone on the CPU, where a failure is the model's own (e.g. a fixed input size:
+    ViT, Swin).
+    """
+    # The probe must not move the global random state: networks built after it (and seeded
+    # before it) get the same initial weights whether or not a probe ran first.
+    with torch.random.fork_rng(devices=[]):
+        return _probe(name)
+
+
+def _probe(name: str) -> FeatureLevels | str:
+    device = "meta"
+    try:
+        model = _build_for_probe(name, device)
+    except Exception:  # settled on the CPU
+        device = "cpu"
+        try:
+            model = _build_for_probe(name, device)
+        except Exception as err:  # timm's reason, quoted
+            return (f"timm cannot build it with features_only ({type(err).__name__}: "
+                    f"{first_line(err)})")
+    try:
+        select_levels(model.feature_info.reduction())
+    except ValueError as err:
+        return str(err)
+    try:
+        try:
+            outputs = _run_probe(model, device)
+        except Exception:  # settled on the CPU (a meta failure proves nothing)
+            if device == "cpu":
+                raise
+            device = "cpu"
+            model = _build_for_probe(name, device)
+            outputs = _run_probe(model, device)
+    except Exception as err:  # the model's own failure, quoted
+        return (f"it fails on a {PROBE_SIZE[0]} x {PROBE_SIZE[1]} input in features_only mode "
+                f"({type(err).__name__}: {first_line(err)}); models with a fixed input size "
+                "(ViT, Swin) are not supported")
+    try:
+        return _levels_of(model, outputs, PROBE_SIZE)
+    except ValueError as err:
+        return str(err)
 
 
 def check_pretrained(key: str, value: Any) -> None:
@@ -205,16 +339,19 @@ def create_feature_model(
     weights_path: str | os.PathLike[str] | None = None,
     in_chans: int = 3,
     download: bool = True,
+    out_indices: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Build a timm `features_only` model with ImageNet weights from the places the module
     docstring lists (`download=False`: local files only).
 
-    `in_chans` must be 3 when pretrained (multi-frame inputs are adapted by `build_encoder`).
+    `in_chans` must be 3 when pretrained (multi-frame inputs are adapted by `build_encoder`);
+    `out_indices` (None: timm's default) picks the feature levels returned.
     """
+    selection = {} if out_indices is None else {"out_indices": out_indices}
     if not pretrained:
         if weights_path is not None:
             _logger.warning("weights_path=%s is ignored because pretrained=False", weights_path)
-        return reset_norm_layers(_create(name, pretrained=False, in_chans=in_chans))
+        return reset_norm_layers(_create(name, pretrained=False, in_chans=in_chans, **selection))
     if in_chans != 3:
         raise ValueError(f"in_chans={in_chans}: pretrained weights are loaded for 3 channels")
     if weights_path is not None:
@@ -235,7 +372,8 @@ def create_feature_model(
     _logger.info("Loading ImageNet weights for %s from %s", name, path)
     with _hf_offline():
         try:
-            return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+            return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                           **selection)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as err:
             # torch's own message ("retry with weights_only=False") names neither the file nor
             # the model whose weights it should hold.
@@ -246,10 +384,11 @@ def create_feature_model(
 
 
 class FeatureEncoder(nn.Module):
-    """Five-level feature pyramid of a timm model on normalised input.
+    """The feature pyramid the decoders read, from a timm model on normalised input.
 
-    `forward(x)` takes B x (3 * num_input_images) x H x W images in [0, 1] and returns the five
-    maps at strides 2..32; `channels` lists their widths.
+    `forward(x)` takes B x (3 * num_input_images) x H x W images in [0, 1] and returns the maps
+    at `reductions` (2, 4, 8, 16, 32, or 4, 8, 16, 32 for encoders that start at 1/4);
+    `channels` lists their widths.
     """
 
     def __init__(self, model: nn.Module, name: str, num_input_images: int = 1) -> None:
@@ -258,16 +397,18 @@ class FeatureEncoder(nn.Module):
         if info is None:
             raise ValueError(f"encoder={name!r} offers no feature_info (timm features_only)")
         reductions = tuple(int(r) for r in info.reduction())
-        if reductions != EXPECTED_REDUCTIONS:
-            raise ValueError(
-                f"encoder={name!r} gives {len(reductions)} feature levels with reductions "
-                f"{list(reductions)}; FSRE needs five levels with reductions "
-                f"{list(EXPECTED_REDUCTIONS)} (e.g. a timm ResNet)"
-            )
+        try:
+            chosen = select_levels(reductions)
+        except ValueError as err:
+            raise ValueError(f"encoder={name!r}: {err}") from None
+        if chosen != tuple(range(len(reductions))):
+            raise ValueError(f"encoder={name!r} returns levels at reductions {list(reductions)}; "
+                             "build it with build_encoder, which keeps only the decoders' levels")
         self.model = model
         self.name = name
         self.num_input_images = num_input_images
         self.channels: tuple[int, ...] = tuple(int(c) for c in info.channels())
+        self.reductions: tuple[int, ...] = reductions
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         expected = 3 * self.num_input_images
@@ -276,15 +417,25 @@ class FeatureEncoder(nn.Module):
         return list(self.model((x - INPUT_MEAN) / INPUT_STD))
 
 
-def _first_conv_key(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    first = cfg.get("first_conv", "conv1")
-    if isinstance(first, (list, tuple)):
-        first = first[0]
-    key = f"{first}.weight"
-    if key not in state_dict:
-        raise ValueError(f"cannot find the first convolution '{key}' to adapt to multi-frame input")
-    return key
+def stack_frame_weights(rgb_state: Mapping[str, torch.Tensor],
+                        model_state: Mapping[str, torch.Tensor], num_input_images: int
+                        ) -> dict[str, torch.Tensor]:
+    """`rgb_state` (weights for 3-channel input) for a model taking `num_input_images` stacked
+    frames: every weight whose input-channel dimension is 3 there and 3 N in `model_state` (the
+    first convolution, whatever the model calls it) goes through `duplicate_first_conv`."""
+    out = dict(rgb_state)
+    widened = [k for k, w in rgb_state.items() if k in model_state
+               and tuple(w.shape) != tuple(model_state[k].shape)]
+    for key in widened:
+        w, want = rgb_state[key], tuple(model_state[key].shape)
+        if w.dim() < 2 or w.shape[1] != 3 or want != (w.shape[0], 3 * num_input_images,
+                                                       *w.shape[2:]):
+            raise ValueError(f"cannot adapt '{key}' {list(w.shape)} to {num_input_images} "
+                             f"stacked frames {list(want)}")
+        out[key] = duplicate_first_conv(w, num_input_images)
+    if not widened:
+        raise ValueError("found no first convolution to adapt to multi-frame input")
+    return out
 
 
 def duplicate_first_conv(weight: torch.Tensor, num_input_images: int) -> torch.Tensor:
@@ -318,17 +469,21 @@ def build_encoder(
             _logger.warning("pretrained=auto, using random initialisation: %s", err)
             return build_encoder(name, False, None, num_input_images)
     check_pretrained("pretrained", pretrained)
+    check_encoder("encoder", name)
     if num_input_images < 1:
         raise ValueError(f"num_input_images must be >= 1, got {num_input_images}")
+    levels = probe_encoder(name)
+    assert isinstance(levels, FeatureLevels)  # check_encoder said so
+    select = levels.out_indices
     if num_input_images == 1:
-        return FeatureEncoder(
-            create_feature_model(name, pretrained, weights_path, download=download), name)
-    model = create_feature_model(name, pretrained=False, in_chans=3 * num_input_images)
+        return FeatureEncoder(create_feature_model(
+            name, pretrained, weights_path, download=download, out_indices=select), name)
+    model = create_feature_model(name, pretrained=False, in_chans=3 * num_input_images,
+                                 out_indices=select)
     encoder = FeatureEncoder(model, name, num_input_images)
     if pretrained:
-        rgb = create_feature_model(name, True, weights_path, download=download)
-        state = rgb.state_dict()
-        key = _first_conv_key(model, state)
-        state[key] = duplicate_first_conv(state[key], num_input_images)
-        model.load_state_dict(state)
+        rgb = create_feature_model(name, True, weights_path, download=download,
+                                   out_indices=select)
+        model.load_state_dict(stack_frame_weights(rgb.state_dict(), model.state_dict(),
+                                                  num_input_images))
     return encoder

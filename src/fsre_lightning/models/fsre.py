@@ -132,10 +132,13 @@ class FSRENetwork(nn.Module):
         self.segmentation = bool(segmentation)
 
         self.encoder = build_encoder(encoder, pretrained=pretrained, weights_path=weights_path)
-        enc_ch = self.encoder.channels
-        self.depth_decoder = MonodepthDecoder(enc_ch, 1, self.disp_scales)
+        # The decoders adapt to the encoder's maps (docs/design.md 3.1): widths and which
+        # blocks have a skip come from its feature_info; their own widths and output sizes
+        # (and so CMA, which works on decoder features) are the same for every encoder.
+        enc_ch, enc_red = self.encoder.channels, self.encoder.reductions
+        self.depth_decoder = MonodepthDecoder(enc_ch, 1, self.disp_scales, enc_red)
         self.seg_decoder: MonodepthDecoder | None = (
-            MonodepthDecoder(enc_ch, self.num_classes, (0,)) if segmentation else None
+            MonodepthDecoder(enc_ch, self.num_classes, (0,), enc_red) if segmentation else None
         )
 
         def make(s: int) -> CrossTaskAttention:

@@ -1,8 +1,11 @@
 """PoseNetwork: Monodepth2's two-frame pose network (docs/design.md section 3.1).
 
-A separate ResNet takes two frames stacked on channels (6 inputs); its deepest map goes through
-the pose decoder (1x1 512->256, ReLU, 3x3 256->256, ReLU, 3x3 256->256, ReLU, 1x1 256->6),
-averaged over space and scaled by 0.01: 3 axis-angle values, then 3 translation values.
+A separate encoder takes two frames stacked on channels (6 inputs); its deepest (1/32) map
+goes through the pose decoder (1x1 C->256, ReLU, 3x3 256->256, ReLU, 3x3 256->256, ReLU,
+1x1 256->6), averaged over space and scaled by 0.01: 3 axis-angle values, then 3 translation
+values. The encoder is a ResNet-18 as in the paper (C = 512) by default; any timm model that
+`check_encoder` accepts works, the decoder's first layer taking its 1/32 width C from
+`feature_info` and the pretrained first convolution repeated per frame (docs/design.md 3.1).
 
 `init_translation` sets the motion the untrained network predicts (the last layer's bias; its
 weights stay random). Zero is Monodepth2's. Training from scratch (no ImageNet weights), a zero
