@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fsre_lightning.losses import sgt as sgt_module
 from fsre_lightning.losses import sgt_loss
 
 
@@ -84,9 +85,17 @@ def _assert_matches_slow(features: torch.Tensor, labels: torch.Tensor, **kwargs:
 BORDERS = ["reference", "exclude"]
 
 
+@pytest.fixture(params=["row-blocked", "whole-map"])
+def sgt_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both evaluations of the offsets: row blocks (CPU, eager) and one expression per offset
+    over zero-padded maps (GPUs and torch.compile)."""
+    monkeypatch.setattr(sgt_module, "_row_blocked", lambda t: request.param == "row-blocked")
+    return request.param
+
+
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("kernel_size", [3, 5])
-def test_sgt_matches_slow_reference(kernel_size: int, border: str) -> None:
+def test_sgt_matches_slow_reference(kernel_size: int, border: str, sgt_path: str) -> None:
     features, labels = _case(seed=kernel_size)
     loss = sgt_loss(features, labels, kernel_size=kernel_size, border=border)
     assert loss.dim() == 0 and loss.item() > 0
@@ -95,7 +104,9 @@ def test_sgt_matches_slow_reference(kernel_size: int, border: str) -> None:
 
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize(("kernel_size", "threshold"), [(3, 1), (3, 3), (5, 2), (5, 8), (7, 6)])
-def test_sgt_threshold_variations(kernel_size: int, threshold: int, border: str) -> None:
+def test_sgt_threshold_variations(
+    kernel_size: int, threshold: int, border: str, sgt_path: str
+) -> None:
     features, labels = _case(seed=10 + threshold, classes=2)
     _assert_matches_slow(features, labels, kernel_size=kernel_size, threshold=threshold,
                          border=border)
@@ -315,3 +326,18 @@ def test_sgt_validation(kwargs: dict[str, object], name: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         sgt_loss(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("border", BORDERS)
+def test_sgt_compiles_without_graph_break_and_equals_eager(border: str) -> None:
+    # fullgraph=True fails on any graph break (a host sync, an op Dynamo cannot trace); the
+    # aot_eager backend runs the traced forward and backward graphs op by op, in float64.
+    features, labels = _case(seed=7)
+    compiled = torch.compile(sgt_loss, backend="aot_eager", fullgraph=True)
+    got = compiled(features, labels, kernel_size=5, border=border)
+    want = sgt_loss(features, labels, kernel_size=5, border=border)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (g_got,) = torch.autograd.grad(got, features)
+    (g_want,) = torch.autograd.grad(want, features)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-14)
+    assert float(g_want.abs().sum()) > 0

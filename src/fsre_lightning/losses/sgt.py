@@ -73,18 +73,29 @@ def _pair_region(h: int, w: int, dy: int, dx: int) -> tuple[int, int, int, int]:
 
 def _block_rows(fh: torch.Tensor) -> int:
     b, c, h, w = fh.shape
-    if fh.device.type != "cpu":
-        return h  # GPUs gain nothing from cache blocking; one block, fewest launches
     return max(1, min(h, _CPU_BLOCK_ELEMENTS // max(1, b * c * w)))
+
+
+def _row_blocked(t: torch.Tensor) -> bool:
+    """Whether to evaluate offset by offset over row blocks (CPU, eager) or as one expression
+    per offset over the whole map (GPUs, where cache blocking gains nothing and every block is
+    a kernel launch, and torch.compile, which fuses the offsets into a few kernels and cannot
+    trace writes into `out=` views)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _channel_dots(a: torch.Tensor, b: torch.Tensor, offsets: list[Offset]) -> torch.Tensor:
     """out[k, n, y, x] = <a[n, :, y, x], b[n, :, y + dy_k, x + dx_k]>, 0 where off-image.
 
-    Each product is taken between two slices (views), one row block at a time, so the only
-    temporary of the features' kind is one block.
+    On CPU each product is taken between two slices (views), one row block at a time, so the
+    only temporary of the features' kind is one block. Otherwise `b` is zero-padded once and
+    each offset is one product with a shifted view of it.
     """
     n, _, h, w = a.shape
+    if not _row_blocked(a):
+        p = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+        padded = F.pad(b, [p, p, p, p]) if p else b
+        return torch.stack([(a * _shift(padded, dy, dx, p)).sum(dim=1) for dy, dx in offsets])
     out = a.new_zeros((len(offsets), n, h, w))
     rows = _block_rows(a)
     for r0 in range(0, h, rows):
@@ -186,36 +197,55 @@ class _SGTLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         fh, norm, coeff = ctx.saved_tensors
         half = _half_offsets(ctx.kernel_size)
-        _, _, h, w = fh.shape
         coeff = coeff * grad_output
         # The anchor with itself: d<fh(i), fh(i)> / d fh(i) = 2 fh(i) (coeff[0] is 0 unless the
         # feature is below the normalisation eps, where the clamp in the sqrt is not active).
         grad = fh * (2 * coeff[0]).unsqueeze(1)
-        # Each half-plane pair (i, i + o): fh(i) += A_o(i) fh(i + o), fh(i + o) += A_o(i) fh(i),
-        # one fused multiply-add per end, one row block at a time.
-        rows = _block_rows(fh)
-        for r0 in range(0, h, rows):
-            for k, (dy, dx) in enumerate(half):
-                _, y_end, x0, x1 = _pair_region(h, w, dy, dx)
-                r1 = min(r0 + rows, y_end)
-                if r1 <= r0 or x1 <= x0:
-                    continue
-                a = coeff[k + 1, :, r0:r1, x0:x1].unsqueeze(1)
-                anchor = (slice(None), slice(None), slice(r0, r1), slice(x0, x1))
-                partner = (
-                    slice(None),
-                    slice(None),
-                    slice(r0 + dy, r1 + dy),
-                    slice(x0 + dx, x1 + dx),
-                )
-                grad[anchor].addcmul_(a, fh[partner])
-                grad[partner].addcmul_(a, fh[anchor])
+        # Each half-plane pair (i, i + o): fh(i) += A_o(i) fh(i + o), fh(i + o) += A_o(i) fh(i).
+        if _row_blocked(fh):
+            _pair_gradients_blocked(grad, fh, coeff, half)
+        else:
+            grad = grad + _pair_gradients(fh, coeff, half)
         # Through F_hat = F / max(||F||, eps): (g - F_hat <F_hat, g>) / ||F|| where the norm is
         # above eps, g / eps where the clamp holds it (F.normalize's autograd gradient).
         radial = _channel_dots(fh, grad, [(0, 0)])[0].unsqueeze(1)
         radial = torch.where(norm >= NORM_EPS, radial, torch.zeros_like(radial))
         grad.addcmul_(fh, radial, value=-1).div_(norm.clamp(min=NORM_EPS))
         return grad, None, None, None, None, None, None
+
+
+def _pair_gradients_blocked(
+    grad: torch.Tensor, fh: torch.Tensor, coeff: torch.Tensor, half: list[Offset]
+) -> None:
+    """Add both ends' pair gradients into `grad` in place: one fused multiply-add per end and
+    half-plane offset, one row block at a time (pairs with an end off the image add nothing)."""
+    _, _, h, w = fh.shape
+    rows = _block_rows(fh)
+    for r0 in range(0, h, rows):
+        for k, (dy, dx) in enumerate(half):
+            _, y_end, x0, x1 = _pair_region(h, w, dy, dx)
+            r1 = min(r0 + rows, y_end)
+            if r1 <= r0 or x1 <= x0:
+                continue
+            a = coeff[k + 1, :, r0:r1, x0:x1].unsqueeze(1)
+            anchor = (slice(None), slice(None), slice(r0, r1), slice(x0, x1))
+            partner = (slice(None), slice(None), slice(r0 + dy, r1 + dy), slice(x0 + dx, x1 + dx))
+            grad[anchor].addcmul_(a, fh[partner])
+            grad[partner].addcmul_(a, fh[anchor])
+
+
+def _pair_gradients(fh: torch.Tensor, coeff: torch.Tensor, half: list[Offset]) -> torch.Tensor:
+    """The same sum as `_pair_gradients_blocked`, out of place, over zero-padded maps: the
+    anchor end reads the partner through a shifted view of padded F_hat (0 off the image), the
+    partner end reads A_o F_hat through a view shifted the other way."""
+    p = max(max(abs(dy), abs(dx)) for dy, dx in half)
+    fh_pad = F.pad(fh, [p, p, p, p])
+    total = torch.zeros_like(fh)
+    for k, (dy, dx) in enumerate(half):
+        a = coeff[k + 1].unsqueeze(1)
+        total = total + a * _shift(fh_pad, dy, dx, p)
+        total = total + _shift(F.pad(a * fh, [p, p, p, p]), -dy, -dx, p)
+    return total
 
 
 def _as_int(value: object) -> int | None:
