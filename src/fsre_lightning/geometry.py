@@ -55,9 +55,21 @@ def transformation_from_parameters(
 
     `invert=True` returns the exact inverse [R^T | -R^T t]; the pose network predicts the
     motion of the pair in the order it was given, and the caller inverts for past frames.
+    Computed in float32 (float64 stays) under any autocast: a bfloat16 rotation is off by
+    ~4e-3 rad, pixels at KITTI's focal length.
     """
+    with torch.autocast(axisangle.device.type, enabled=False):
+        return _transformation(axisangle, translation, invert)
+
+
+def _transformation(
+    axisangle: torch.Tensor, translation: torch.Tensor, invert: bool
+) -> torch.Tensor:
+    low = (torch.float16, torch.bfloat16)
     axisangle = axisangle.reshape(-1, 3)
     translation = translation.reshape(-1, 3)
+    if axisangle.dtype in low or translation.dtype in low:
+        axisangle, translation = axisangle.float(), translation.float()
     R = axis_angle_to_rotation_matrix(axisangle)
     t = translation.unsqueeze(-1)
     if invert:

@@ -89,6 +89,11 @@ def downsample_image(image: torch.Tensor, scale: int) -> torch.Tensor:
     return F.avg_pool2d(image, kernel_size=2**scale)
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is a 16-bit float (float32 and float64 pass unchanged)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def compute_losses(
     outputs: Mapping[str, Mapping[int, torch.Tensor] | torch.Tensor],
     frames: torch.Tensor,
@@ -110,13 +115,37 @@ def compute_losses(
     compiled version of it).
     Returns the weighted total under "total", the unweighted terms under their names, and the
     auto-mask of scale 0 under "automask".
+
+    The loss is evaluated in float32 (or float64) whatever precision the networks ran in
+    (docs/design.md 4.7): under bf16/fp16 autocast, depth from disparity, pixel coordinates
+    (up to 1024, where bfloat16 steps by 4 to 8 pixels), the SSIM statistics (differences of
+    nearly equal means) and the SGT distances would lose most of their digits. Only the
+    networks' outputs are cast: 1-channel disparities, the segmentation logits and the three
+    SGT feature maps.
     """
+    with torch.autocast(frames.device.type, enabled=False):
+        return _compute_losses(outputs, frames, K, inv_K, transforms, labels, cfg, generator,
+                               recompute, photometric_fn)
+
+
+def _compute_losses(
+    outputs: Mapping[str, Mapping[int, torch.Tensor] | torch.Tensor],
+    frames: torch.Tensor,
+    K: torch.Tensor,
+    inv_K: torch.Tensor,
+    transforms: Sequence[torch.Tensor],
+    labels: torch.Tensor | None,
+    cfg: LossConfig,
+    generator: torch.Generator | None,
+    recompute: bool,
+    photometric_fn: Callable[..., torch.Tensor],
+) -> dict[str, torch.Tensor]:
     target = frames[:, 0]
     # S x B x 3 x H x W: every source of a scale goes through one warp and one SSIM call.
     sources = frames[:, 1:].transpose(0, 1)
-    stacked_transforms = torch.stack(list(transforms))
+    stacked_transforms = torch.stack([full_precision(t) for t in transforms])
     size = tuple(target.shape[-2:])
-    disps: Mapping[int, torch.Tensor] = outputs["disp"]  # type: ignore[assignment]
+    disps = {s: full_precision(d) for s, d in outputs["disp"].items()}  # type: ignore[union-attr]
     scales = sorted(disps)
     # The target's SSIM statistics serve every source, the identity maps and every scale.
     target_stats = ssim_target_stats(target) if cfg.alpha > 0 else None
@@ -178,7 +207,7 @@ def weighted_terms(photometric_terms: Sequence[torch.Tensor], smooth_terms: Sequ
     if cfg.segmentation_weight > 0 and "seg_logits" in outputs:
         if labels is None:
             raise ValueError("loss.segmentation_weight > 0 needs pseudo-labels in the batch")
-        losses["segmentation"] = segmentation_loss(outputs["seg_logits"], labels)
+        losses["segmentation"] = segmentation_loss(full_precision(outputs["seg_logits"]), labels)
         total = total + cfg.segmentation_weight * losses["segmentation"]
 
     if cfg.sgt_weight > 0 and cfg.sgt_scales:
