@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fsre_lightning.models import CrossTaskAttention
 from fsre_lightning.models.layers import (
     is_channels_last,
     reflection_pad,
@@ -73,3 +74,26 @@ def test_nhwc_padding_is_planned_nhwc_on_the_meta_device() -> None:
     x = torch.empty(2, 8, 6, 7, device="meta").contiguous(memory_format=CL)
     assert _nhwc(reflection_pad_nhwc(x))
     assert reflection_pad_nhwc(x).shape == (2, 8, 8, 9)
+
+
+# ------------------------------------------------------------------------------------ CMA
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-weights", "literal-q-k-v"])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_cma_keeps_the_features_memory_format(fused: bool, heads: int) -> None:
+    torch.manual_seed(0)
+    cma = CrossTaskAttention(16, num_heads=heads).double()
+    cma.fused_weights = fused
+    g = torch.Generator().manual_seed(2)
+    target, reference = torch.randn(2, 2, 16, 5, 7, generator=g, dtype=torch.float64)
+    plain = cma(target, reference)
+    plain_projected = cma._projected(target, reference)
+    assert plain.is_contiguous() and plain_projected.is_contiguous()
+    cma.to(memory_format=CL)
+    t_cl, r_cl = (x.contiguous(memory_format=CL) for x in (target, reference))
+    projected = cma._projected(t_cl, r_cl)
+    out = cma(t_cl, r_cl)
+    assert _nhwc(projected) and _nhwc(out)
+    torch.testing.assert_close(projected, plain_projected, **TIGHT)
+    torch.testing.assert_close(out, plain, **TIGHT)

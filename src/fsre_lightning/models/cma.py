@@ -28,9 +28,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsre_lightning.models.layers import ConvBlock
+from fsre_lightning.models.layers import ConvBlock, is_channels_last
 
 ATTENTION_SCALES = ("paper", "reference")
+
+
+class _Layout:
+    """Where the channels of B x C x h x w features lie in memory, and views that put them on
+    the axis the per-pixel attention works along.
+
+    For NCHW features that is axis 1 of the features themselves (per head: B x H x C x h x w);
+    for channels_last features, the last axis of their NHWC view (B x h x w x H x C). Either
+    way the views are free, the softmax runs over a dense axis, and the result comes back in
+    the features' own memory format (docs/design.md, "Channels-last"): a channels_last
+    network stays NHWC through CMA.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.nhwc = is_channels_last(features)
+        self.axis = 3 if self.nhwc else 1
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1) if self.nhwc else x
+
+    def split(self, x: torch.Tensor, sizes: tuple[int, int]) -> torch.Tensor:
+        """The channels of `x` split into (heads, width), in this layout."""
+        return self.view(x).unflatten(self.axis, sizes)
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2) if self.nhwc else x
 
 
 class CrossTaskAttention(nn.Module):
@@ -86,14 +112,13 @@ class CrossTaskAttention(nn.Module):
 
     def attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """F' (B x C' x h x w): the embeddings' values mixed by the per-pixel weights rho."""
-        b, _, h, w = target.shape
-        shape = (b, self.num_heads, self.embed_channels, h, w)
-        q = self.query(reference).view(shape)
-        k = self.key(target).view(shape)
-        v = self.value(target).view(shape)
-        scores = (q * k).sum(dim=2) / self.temperature  # B x H x h x w
-        weights = scores.softmax(dim=1) if self.num_heads > 1 else scores
-        return (weights.unsqueeze(2) * v).sum(dim=1)
+        layout = _Layout(target)
+        split = (self.num_heads, self.embed_channels)
+        q = layout.split(self.query(reference), split)
+        k = layout.split(self.key(target), split)
+        v = layout.split(self.value(target), split)
+        scores = (q * k).sum(dim=layout.axis + 1) / self.temperature  # per pixel and head
+        return layout.restore(self._mix(scores, v, layout))
 
     def projected_attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """W F' (B x C x h x w, before BatchNorm), equal to `project[0](attention(T, R))`."""
@@ -109,17 +134,22 @@ class CrossTaskAttention(nn.Module):
         bilinear = torch.einsum("hkc,hkd->hcd", wk, wq).reshape(heads * c, c)
         r_weight = torch.cat([bilinear, torch.einsum("hkd,hk->hd", wq, bk)])
         r_bias = torch.cat([torch.einsum("hkc,hk->hc", wk, bq).reshape(-1), (bk * bq).sum(1)])
-        on_reference = F.conv2d(reference, r_weight[..., None, None], r_bias)
-        b, _, h, w = target.shape
-        per_head = on_reference[:, : heads * c].view(b, heads, c, h, w)
-        scores = (target.unsqueeze(1) * per_head).sum(dim=2) + on_reference[:, heads * c :]
-        scores = scores / self.temperature  # B x H x h x w
-        weights = scores.softmax(dim=1) if self.num_heads > 1 else scores
         # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h)
         t_weight = torch.einsum("ck,hkd->hcd", wp, wv).reshape(heads * c, c)
         t_bias = torch.einsum("ck,hk->hc", wp, bv).reshape(-1)
-        values = F.conv2d(target, t_weight[..., None, None], t_bias).view(b, heads, c, h, w)
-        return (weights.unsqueeze(2) * values).sum(dim=1)
+        layout = _Layout(target)
+        on_reference = layout.view(F.conv2d(reference, r_weight[..., None, None], r_bias))
+        values = layout.split(F.conv2d(target, t_weight[..., None, None], t_bias), (heads, c))
+        axis = layout.axis
+        per_head = on_reference.narrow(axis, 0, heads * c).unflatten(axis, (heads, c))
+        scores = (layout.view(target).unsqueeze(axis) * per_head).sum(dim=axis + 1)
+        scores = (scores + on_reference.narrow(axis, heads * c, heads)) / self.temperature
+        return layout.restore(self._mix(scores, values, layout))
+
+    def _mix(self, scores: torch.Tensor, values: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """sum_h rho(scores_h) values_h, in `layout` (heads on `layout.axis`)."""
+        weights = scores.softmax(dim=layout.axis) if self.num_heads > 1 else scores
+        return (weights.unsqueeze(layout.axis + 1) * values).sum(dim=layout.axis)
 
     def _projected(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         if self.fused_weights:
