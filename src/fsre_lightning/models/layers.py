@@ -62,6 +62,39 @@ def conv3x3(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def first_conv(module: nn.Module) -> nn.Conv2d:
+    """The first nn.Conv2d of `module` (in registration order): the one that reads its input."""
+    for child in module.modules():
+        if isinstance(child, nn.Conv2d):
+            return child
+    raise ValueError(f"{type(module).__name__} has no nn.Conv2d")
+
+
+def like_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x` in the memory format of the convolution weight `weight` (no copy when it already is).
+
+    A network moved to channels_last then needs nothing more from its caller: its first
+    convolution, and so every later one, runs NHWC (docs/design.md, "Channels-last"). An NCHW
+    network leaves anything but an NHWC input as it is (a strided slice of a frame stack is
+    read as NCHW without a copy).
+    """
+    if is_channels_last(weight):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous() if is_channels_last(x) else x
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w -> B x C, the mean over h and w, whose gradient keeps `x`'s memory format.
+
+    The mean's backward materialises its broadcast gradient in the layout of the tensor it
+    reduced; reducing the (contiguous) NHWC view of a channels_last map makes that NHWC too.
+    Same elements, same reduction.
+    """
+    if is_channels_last(x):
+        return x.permute(0, 2, 3, 1).mean(dim=(1, 2))
+    return x.mean(dim=(2, 3))
+
+
 class ConvBlock(nn.Module):
     """Reflection-padded 3x3 convolution followed by ELU."""
 
