@@ -16,7 +16,9 @@ score of embedding h is a bilinear form of T and R, t^T (W_k^h^T W_q^h) r + line
 W F' = sum_h rho_h (W W_v^h t + W b_v^h); multiplying the small weight matrices first replaces
 the three H * C'-channel maps q, k, v (24 C^2 multiply-adds per pixel with H = 4, r = 2, plus
 2 C^2 for W) by two H * C-channel maps (8 C^2), in time and in memory kept for backward.
-`attention` is the literal formulation (tests compare both).
+The weight products are two batched matrix products of the weights with their biases appended
+as a column (`folded_weights`), which carry every linear and constant term along (figures in
+docs/design.md, "Channels-last"). `attention` is the literal formulation (tests compare both).
 """
 
 from __future__ import annotations
@@ -120,23 +122,31 @@ class CrossTaskAttention(nn.Module):
         scores = (q * k).sum(dim=layout.axis + 1) / self.temperature  # per pixel and head
         return layout.restore(self._mix(scores, v, layout))
 
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """1x1 convolution weights and biases (r_weight, r_bias, t_weight, t_bias) of
+        `projected_attention`: on R, the H bilinear maps and the linear score terms; on T, the
+        projected values of the H embeddings."""
+        heads, embed, c = self.num_heads, self.embed_channels, self.channels
+
+        def with_bias(conv: nn.Conv2d) -> torch.Tensor:  # H x C' x (C + 1): [W^h | b^h]
+            return torch.cat([conv.weight.view(heads, embed, c), conv.bias.view(heads, embed, 1)],
+                             dim=2)
+
+        q, k, v = with_bias(self.query), with_bias(self.key), with_bias(self.value)
+        # <W_k t + b_k, W_q r + b_q> = t . (W_k^T W_q r + W_k^T b_q) + (W_q^T b_k) . r + b_k . b_q:
+        # all four are blocks of [W_k | b_k]^T [W_q | b_q], one batched product over the heads.
+        kq = k.transpose(1, 2) @ q  # H x (C + 1) x (C + 1)
+        r_weight = torch.cat([kq[:, :c, :c].reshape(heads * c, c), kq[:, c, :c]])
+        r_bias = torch.cat([kq[:, :c, c].reshape(-1), kq[:, c, c]])
+        # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h), and
+        # W [W_v^h | b_v^h] = [W W_v^h | W b_v^h].
+        pv = self.project[0].weight.view(1, c, embed) @ v  # H x C x (C + 1)
+        return r_weight, r_bias, pv[..., :c].reshape(heads * c, c), pv[..., c].reshape(-1)
+
     def projected_attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """W F' (B x C x h x w, before BatchNorm), equal to `project[0](attention(T, R))`."""
-        heads, embed, c = self.num_heads, self.embed_channels, self.channels
-        wq = self.query.weight.view(heads, embed, c)
-        wk = self.key.weight.view(heads, embed, c)
-        wv = self.value.weight.view(heads, embed, c)
-        bq = self.query.bias.view(heads, embed)
-        bk = self.key.bias.view(heads, embed)
-        bv = self.value.bias.view(heads, embed)
-        wp = self.project[0].weight.view(c, embed)
-        # <W_k t + b_k, W_q r + b_q> = t . (W_k^T W_q r + W_k^T b_q) + (W_q^T b_k) . r + b_k . b_q
-        bilinear = torch.einsum("hkc,hkd->hcd", wk, wq).reshape(heads * c, c)
-        r_weight = torch.cat([bilinear, torch.einsum("hkd,hk->hd", wq, bk)])
-        r_bias = torch.cat([torch.einsum("hkc,hk->hc", wk, bq).reshape(-1), (bk * bq).sum(1)])
-        # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h)
-        t_weight = torch.einsum("ck,hkd->hcd", wp, wv).reshape(heads * c, c)
-        t_bias = torch.einsum("ck,hk->hc", wp, bv).reshape(-1)
+        heads, c = self.num_heads, self.channels
+        r_weight, r_bias, t_weight, t_bias = self.folded_weights()
         layout = _Layout(target)
         on_reference = layout.view(F.conv2d(reference, r_weight[..., None, None], r_bias))
         values = layout.split(F.conv2d(target, t_weight[..., None, None], t_bias), (heads, c))
