@@ -272,6 +272,8 @@ def test_cma_keeps_the_features_memory_format(fused: bool, heads: int) -> None:
     cma.fused_weights = fused
     g = torch.Generator().manual_seed(2)
     target, reference = torch.randn(2, 2, 16, 5, 7, generator=g, dtype=torch.float64)
+    # Dense folded weights: a strided one would be copied by every convolution call.
+    assert all(w.is_contiguous() for w in cma.folded_weights())
     plain = cma(target, reference)
     plain_projected = cma._projected(target, reference)
     assert plain.is_contiguous() and plain_projected.is_contiguous()

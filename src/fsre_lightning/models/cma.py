@@ -141,7 +141,10 @@ class CrossTaskAttention(nn.Module):
         # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h), and
         # W [W_v^h | b_v^h] = [W W_v^h | W b_v^h].
         pv = self.project[0].weight.view(1, c, embed) @ v  # H x C x (C + 1)
-        return r_weight, r_bias, pv[..., :c].reshape(heads * c, c), pv[..., c].reshape(-1)
+        # Dense copies: a strided weight would be copied by the convolution at every call (and
+        # is neither NCHW nor NHWC, docs/design.md "Channels-last").
+        t_weight = pv[..., :c].reshape(heads * c, c).contiguous()
+        return r_weight, r_bias, t_weight, pv[..., c].reshape(-1).contiguous()
 
     def projected_attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """W F' (B x C x h x w, before BatchNorm), equal to `project[0](attention(T, R))`."""
