@@ -16,7 +16,9 @@ score of embedding h is a bilinear form of T and R, t^T (W_k^h^T W_q^h) r + line
 W F' = sum_h rho_h (W W_v^h t + W b_v^h); multiplying the small weight matrices first replaces
 the three H * C'-channel maps q, k, v (24 C^2 multiply-adds per pixel with H = 4, r = 2, plus
 2 C^2 for W) by two H * C-channel maps (8 C^2), in time and in memory kept for backward.
-`attention` is the literal formulation (tests compare both).
+The weight products are two batched matrix products of the weights with their biases appended
+as a column (`folded_weights`), which carry every linear and constant term along (figures in
+docs/design.md, "Channels-last"). `attention` is the literal formulation (tests compare both).
 """
 
 from __future__ import annotations
@@ -28,9 +30,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsre_lightning.models.layers import ConvBlock
+from fsre_lightning.models.layers import ConvBlock, is_channels_last
 
 ATTENTION_SCALES = ("paper", "reference")
+
+
+class _Layout:
+    """Where the channels of B x C x h x w features lie in memory, and views that put them on
+    the axis the per-pixel attention works along.
+
+    For NCHW features that is axis 1 of the features themselves (per head: B x H x C x h x w);
+    for channels_last features, the last axis of their NHWC view (B x h x w x H x C). Either
+    way the views are free, the softmax runs over a dense axis, and the result comes back in
+    the features' own memory format (docs/design.md, "Channels-last"): a channels_last
+    network stays NHWC through CMA.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.nhwc = is_channels_last(features)
+        self.axis = 3 if self.nhwc else 1
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1) if self.nhwc else x
+
+    def split(self, x: torch.Tensor, sizes: tuple[int, int]) -> torch.Tensor:
+        """The channels of `x` split into (heads, width), in this layout."""
+        return self.view(x).unflatten(self.axis, sizes)
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2) if self.nhwc else x
 
 
 class CrossTaskAttention(nn.Module):
@@ -86,40 +114,55 @@ class CrossTaskAttention(nn.Module):
 
     def attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """F' (B x C' x h x w): the embeddings' values mixed by the per-pixel weights rho."""
-        b, _, h, w = target.shape
-        shape = (b, self.num_heads, self.embed_channels, h, w)
-        q = self.query(reference).view(shape)
-        k = self.key(target).view(shape)
-        v = self.value(target).view(shape)
-        scores = (q * k).sum(dim=2) / self.temperature  # B x H x h x w
-        weights = scores.softmax(dim=1) if self.num_heads > 1 else scores
-        return (weights.unsqueeze(2) * v).sum(dim=1)
+        layout = _Layout(target)
+        split = (self.num_heads, self.embed_channels)
+        q = layout.split(self.query(reference), split)
+        k = layout.split(self.key(target), split)
+        v = layout.split(self.value(target), split)
+        scores = (q * k).sum(dim=layout.axis + 1) / self.temperature  # per pixel and head
+        return layout.restore(self._mix(scores, v, layout))
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """1x1 convolution weights and biases (r_weight, r_bias, t_weight, t_bias) of
+        `projected_attention`: on R, the H bilinear maps and the linear score terms; on T, the
+        projected values of the H embeddings."""
+        heads, embed, c = self.num_heads, self.embed_channels, self.channels
+
+        def with_bias(conv: nn.Conv2d) -> torch.Tensor:  # H x C' x (C + 1): [W^h | b^h]
+            return torch.cat([conv.weight.view(heads, embed, c), conv.bias.view(heads, embed, 1)],
+                             dim=2)
+
+        q, k, v = with_bias(self.query), with_bias(self.key), with_bias(self.value)
+        # <W_k t + b_k, W_q r + b_q> = t . (W_k^T W_q r + W_k^T b_q) + (W_q^T b_k) . r + b_k . b_q:
+        # all four are blocks of [W_k | b_k]^T [W_q | b_q], one batched product over the heads.
+        kq = k.transpose(1, 2) @ q  # H x (C + 1) x (C + 1)
+        r_weight = torch.cat([kq[:, :c, :c].reshape(heads * c, c), kq[:, c, :c]])
+        r_bias = torch.cat([kq[:, :c, c].reshape(-1), kq[:, c, c]])
+        # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h), and
+        # W [W_v^h | b_v^h] = [W W_v^h | W b_v^h].
+        pv = self.project[0].weight.view(1, c, embed) @ v  # H x C x (C + 1)
+        # Dense copies: a strided weight would be copied by the convolution at every call (and
+        # is neither NCHW nor NHWC, docs/design.md "Channels-last").
+        t_weight = pv[..., :c].reshape(heads * c, c).contiguous()
+        return r_weight, r_bias, t_weight, pv[..., c].reshape(-1).contiguous()
 
     def projected_attention(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """W F' (B x C x h x w, before BatchNorm), equal to `project[0](attention(T, R))`."""
-        heads, embed, c = self.num_heads, self.embed_channels, self.channels
-        wq = self.query.weight.view(heads, embed, c)
-        wk = self.key.weight.view(heads, embed, c)
-        wv = self.value.weight.view(heads, embed, c)
-        bq = self.query.bias.view(heads, embed)
-        bk = self.key.bias.view(heads, embed)
-        bv = self.value.bias.view(heads, embed)
-        wp = self.project[0].weight.view(c, embed)
-        # <W_k t + b_k, W_q r + b_q> = t . (W_k^T W_q r + W_k^T b_q) + (W_q^T b_k) . r + b_k . b_q
-        bilinear = torch.einsum("hkc,hkd->hcd", wk, wq).reshape(heads * c, c)
-        r_weight = torch.cat([bilinear, torch.einsum("hkd,hk->hd", wq, bk)])
-        r_bias = torch.cat([torch.einsum("hkc,hk->hc", wk, bq).reshape(-1), (bk * bq).sum(1)])
-        on_reference = F.conv2d(reference, r_weight[..., None, None], r_bias)
-        b, _, h, w = target.shape
-        per_head = on_reference[:, : heads * c].view(b, heads, c, h, w)
-        scores = (target.unsqueeze(1) * per_head).sum(dim=2) + on_reference[:, heads * c :]
-        scores = scores / self.temperature  # B x H x h x w
-        weights = scores.softmax(dim=1) if self.num_heads > 1 else scores
-        # W (sum_h rho_h (W_v^h t + b_v^h)) = sum_h rho_h ((W W_v^h) t + W b_v^h)
-        t_weight = torch.einsum("ck,hkd->hcd", wp, wv).reshape(heads * c, c)
-        t_bias = torch.einsum("ck,hk->hc", wp, bv).reshape(-1)
-        values = F.conv2d(target, t_weight[..., None, None], t_bias).view(b, heads, c, h, w)
-        return (weights.unsqueeze(2) * values).sum(dim=1)
+        heads, c = self.num_heads, self.channels
+        r_weight, r_bias, t_weight, t_bias = self.folded_weights()
+        layout = _Layout(target)
+        on_reference = layout.view(F.conv2d(reference, r_weight[..., None, None], r_bias))
+        values = layout.split(F.conv2d(target, t_weight[..., None, None], t_bias), (heads, c))
+        axis = layout.axis
+        per_head = on_reference.narrow(axis, 0, heads * c).unflatten(axis, (heads, c))
+        scores = (layout.view(target).unsqueeze(axis) * per_head).sum(dim=axis + 1)
+        scores = (scores + on_reference.narrow(axis, heads * c, heads)) / self.temperature
+        return layout.restore(self._mix(scores, values, layout))
+
+    def _mix(self, scores: torch.Tensor, values: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """sum_h rho(scores_h) values_h, in `layout` (heads on `layout.axis`)."""
+        weights = scores.softmax(dim=layout.axis) if self.num_heads > 1 else scores
+        return (weights.unsqueeze(layout.axis + 1) * values).sum(dim=layout.axis)
 
     def _projected(self, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         if self.fused_weights:

@@ -35,6 +35,7 @@ from fsre_lightning.models.encoder import (
     check_encoder,
     check_pretrained,
 )
+from fsre_lightning.models.layers import first_conv, like_weight
 
 CMA_TARGETS = ("depth", "seg")
 
@@ -90,6 +91,10 @@ class FSRENetwork(nn.Module):
     decoder features. `cma_depth[str(s)]` refines depth (segmentation as reference),
     `cma_seg[str(s)]` refines segmentation.
 
+    The image is put into the memory format of the encoder's first convolution: after
+    `.to(memory_format=torch.channels_last)` every convolution runs NHWC (docs/design.md,
+    "Channels-last").
+
     `gradient_checkpointing = True` recomputes the decoder blocks and CMA's attention in
     backward instead of keeping their activations (same values and gradients). CMA's BatchNorm
     stays outside the recomputed parts: recomputing it would update its running statistics a
@@ -132,6 +137,8 @@ class FSRENetwork(nn.Module):
         self.segmentation = bool(segmentation)
 
         self.encoder = build_encoder(encoder, pretrained=pretrained, weights_path=weights_path)
+        # In a tuple, so that it is not registered a second time (parameter names unchanged).
+        self._stem = (first_conv(self.encoder),)
         # The decoders adapt to the encoder's maps (docs/design.md 3.1): widths and which
         # blocks have a skip come from its feature_info; their own widths and output sizes
         # (and so CMA, which works on decoder features) are the same for every encoder.
@@ -162,7 +169,7 @@ class FSRENetwork(nn.Module):
             raise ValueError(
                 f"image height and width must be divisible by {SIZE_DIVISOR}, got {h} x {w}"
             )
-        feats = self.encoder(image)
+        feats = self.encoder(like_weight(image, self._stem[0].weight))
         x_d = feats[-1]
         x_s = feats[-1]
         disp: dict[int, torch.Tensor] = {}

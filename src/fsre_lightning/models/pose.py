@@ -26,6 +26,7 @@ from torch import nn
 
 from fsre_lightning.geometry import transformation_from_parameters
 from fsre_lightning.models.encoder import build_encoder, check_encoder, check_pretrained
+from fsre_lightning.models.layers import first_conv, like_weight, spatial_mean
 from fsre_lightning.rules import arguments, check_path, is_number, require
 
 # Keeps the initial motion estimates near identity (Monodepth2).
@@ -71,6 +72,8 @@ class PoseNetwork(nn.Module):
         self.encoder = build_encoder(
             encoder, pretrained=pretrained, weights_path=weights_path, num_input_images=2
         )
+        # In a tuple, so that it is not registered a second time (parameter names unchanged).
+        self._stem = (first_conv(self.encoder),)
         in_ch = self.encoder.channels[-1]
         self.decoder = nn.Sequential(
             nn.Conv2d(in_ch, 256, kernel_size=1),
@@ -94,9 +97,12 @@ class PoseNetwork(nn.Module):
                 "frame_a and frame_b must both be B x 3 x H x W, got "
                 f"{tuple(frame_a.shape)} and {tuple(frame_b.shape)}"
             )
-        # Both frames use the same per-channel normalisation, done inside the encoder.
-        features = self.encoder(torch.cat([frame_a, frame_b], dim=1))
-        out = POSE_SCALE * self.decoder(features[-1]).mean(dim=(2, 3))
+        # Both frames use the same per-channel normalisation, done inside the encoder. The pair
+        # takes the memory format of the first convolution's weight, so that channels_last
+        # weights mean NHWC convolutions throughout (docs/design.md, "Channels-last").
+        pair = like_weight(torch.cat([frame_a, frame_b], dim=1), self._stem[0].weight)
+        features = self.encoder(pair)
+        out = POSE_SCALE * spatial_mean(self.decoder(features[-1]))
         return out[:, :3], out[:, 3:]
 
     def transform(self, target: torch.Tensor, source: torch.Tensor, source_id: int) -> torch.Tensor:
