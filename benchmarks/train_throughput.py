@@ -200,9 +200,10 @@ def measure_step_rate(shape: tuple[int, int, int], precision: str,
     command = [sys.executable, str(HERE / "train_step.py"), "--shape", f"{h}x{w}x{b}",
                "--precision", precision, "--device", args.device, "--rounds", "1",
                "--steps", str(args.step_steps), "--warmup", str(args.step_warmup),
-               "--threads", str(args.threads),
                "--channels-last", str(int(args.channels_last)),
                "--compile", str(int(args.compile))]
+    if args.device == "cpu":  # as the training runs' OMP_NUM_THREADS (child_env)
+        command += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
