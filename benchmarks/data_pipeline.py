@@ -20,15 +20,27 @@ file; or ``--root`` a real folder with ``--split-file``), prints in one run, per
     objective builds (2x, 4x, 8x box downsampling of frame 0 for the smoothness term); then
     the per-core rate counting (c) + (d).
 
+(e) what a DataLoader worker process spends per sample: the training loader itself
+    (`KittiDataModule.train_dataloader`: resumable sampler, per-sample seeding, persistent
+    workers) with ``--workers`` worker processes, over several epochs after a warm-up one. The
+    workers' CPU time (from /proc) per sample covers the cache reads, flips, intrinsics, labels,
+    collate and the move of each batch into shared memory; the main process's CPU time per
+    sample is what receiving the batches costs it. From the workers' figure: the workers needed
+    for ``--target-rate`` images/s with ``--headroom`` (benchmarks/README.md, "Keeping the GPU
+    fed"). Also says whether the same worker processes served every epoch (persistent_workers).
+
 The acceptance figure is the ratio (c)+(d) over (a) for PNG at 192 x 640.
 
     python benchmarks/data_pipeline.py [--frames 14] [--epochs 20] [--height 192 --width 640]
     python benchmarks/data_pipeline.py --root /data/kitti_raw --split-file train_files.txt
+    python benchmarks/data_pipeline.py --only-workers --frames 50 --workers 1   # (e) alone
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -185,6 +197,66 @@ def time_device_side(dm: KittiDataModule, batch: int, size: tuple[int, int],
     return statistics.mean(times) / batch  # mean: the expected cost over jitter draws
 
 
+# --------------------------------------------------------------------------- (e)
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_worker_reads(dm: KittiDataModule, workers: int, epochs: int,
+                      rounds: int) -> dict[str, float | bool]:
+    """Per-sample CPU ms in the loader's worker processes and in the main process (medians
+    over `rounds` rounds of `epochs` epochs), samples/s, and whether the workers persisted."""
+    dm.num_workers = workers
+    dm.datasets["train"] = dm.build_dataset("train")
+    loader = dm.train_dataloader()
+    for _ in loader:  # warm-up epoch: starts the workers, maps the caches
+        pass
+    iterator = loader._iterator  # persistent workers: the loader keeps its iterator
+    pids = [w.pid for w in getattr(iterator, "_workers", [])]
+    epoch, rates, worker_ms, main_ms = 1, [], [], []
+    for _ in range(rounds):
+        workers_cpu = sum(process_cpu_seconds(p) for p in pids)
+        main_cpu, start = time.process_time(), time.perf_counter()
+        samples = 0
+        for _ in range(epochs):
+            loader.epoch_sampler.set_epoch(epoch)  # what Lightning does at each epoch start
+            epoch += 1
+            for batch in loader:
+                samples += batch["frames"].shape[0]
+        # The sampler is exhausted at an epoch's end: the workers' time is these samples' only.
+        rates.append(samples / (time.perf_counter() - start))
+        worker_ms.append((sum(process_cpu_seconds(p) for p in pids) - workers_cpu)
+                         / samples * 1e3)
+        main_ms.append((time.process_time() - main_cpu) / samples * 1e3)
+    persisted = bool(pids) and loader._iterator is iterator and pids == [
+        w.pid for w in loader._iterator._workers]
+    dm.teardown("fit")  # ends the persistent workers
+    return {"rate": statistics.median(rates), "worker_ms": statistics.median(worker_ms),
+            "main_ms": statistics.median(main_ms), "persisted": persisted}
+
+
+def workers_needed(images_per_s: float, worker_ms: float, headroom: float) -> int:
+    """Worker processes that produce `images_per_s` x `headroom` at `worker_ms` CPU ms each."""
+    return max(1, math.ceil(images_per_s * worker_ms / 1e3 * headroom))
+
+
+def report_workers(dm: KittiDataModule, args: argparse.Namespace) -> dict[str, float | bool]:
+    e = time_worker_reads(dm, args.workers, args.epochs, args.worker_rounds)
+    print(f"  (e) in {args.workers} loader worker process(es) (persistent, {args.epochs} epochs "
+          f"x {args.worker_rounds} rounds): {e['rate']:.1f} samples/s wall;\n"
+          f"      CPU per sample: workers {e['worker_ms']:.2f} ms, main process "
+          f"{e['main_ms']:.2f} ms; same worker processes in every epoch: {e['persisted']}")
+    need = workers_needed(args.target_rate, float(e["worker_ms"]), args.headroom)
+    print(f"      {args.target_rate:.0f} images/s take "
+          f"{args.target_rate * float(e['worker_ms']) / 1e3:.2f} cores of workers and "
+          f"{args.target_rate * float(e['main_ms']) / 1e3:.2f} of the main process; with "
+          f"{args.headroom}x headroom: num_workers >= {need} (cores as fast as this one's)")
+    return e
+
+
 # --------------------------------------------------------------------------- main
 def run_format(label: str, root: Path, split: Path, work: Path, size: tuple[int, int],
                args: argparse.Namespace) -> dict[str, float]:
@@ -215,7 +287,18 @@ def run_format(label: str, root: Path, split: Path, work: Path, size: tuple[int,
     combined = 1.0 / (1.0 / c + d)
     print(f"      ours per core, (c) + (d):                                          "
           f"{combined:8.1f} samples/s/core   = {combined / a:.1f}x the yardstick")
-    return {"a": a, "b": b, "c": c, "c_items": c_items, "d": d, "combined": combined}
+    e = report_workers(dm, args) if args.workers else {}
+    return {"a": a, "b": b, "c": c, "c_items": c_items, "d": d, "combined": combined,
+            **{f"e_{k}": float(v) for k, v in e.items()}}
+
+
+def run_workers_only(root: Path, split: Path, work: Path, size: tuple[int, int],
+                     args: argparse.Namespace) -> None:
+    """(e) alone: build the caches (untimed), then time the loader's worker processes."""
+    print(f"\n[{root.name}] {len(read_split(split))} samples")
+    dm = make_dm(root, split, work / "cache_workers", size, args.batch_size,
+                 labels=not args.no_labels)
+    report_workers(dm, args)
 
 
 def main() -> None:
@@ -232,6 +315,16 @@ def main() -> None:
     parser.add_argument("--device-repeats", type=int, default=20,
                         help="timed batches for (d) (p = 0.5 jitter: average many draws)")
     parser.add_argument("--no-labels", action="store_true", help="(c) without the label cache")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="loader worker processes for (e) (0: skip (e))")
+    parser.add_argument("--worker-rounds", type=int, default=3,
+                        help="rounds of --epochs epochs for (e) (medians are printed)")
+    parser.add_argument("--target-rate", type=float, default=186.0,
+                        help="images/s the workers must produce (issue 21: 12 images per "
+                             "0.065 s step)")
+    parser.add_argument("--headroom", type=float, default=1.5)
+    parser.add_argument("--only-workers", action="store_true",
+                        help="only (e), on the PNG fixture or --root")
     args = parser.parse_args()
     torch.set_num_threads(1)
     size = (args.height, args.width)
@@ -240,9 +333,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fsre_pipeline_") as tmp:
         work = Path(tmp)
         results = {}
+        if args.root is not None and args.split_file is None:
+            parser.error("--root needs --split-file")
+        if args.only_workers:
+            if args.root is None:
+                root, split = make_fixture(work / "fixture", args.frames, "png")
+            else:
+                root, split = args.root, args.split_file
+            run_workers_only(root, split, work, size, args)
+            return
         if args.root is not None:
-            if args.split_file is None:
-                parser.error("--root needs --split-file")
             results["root"] = run_format("root", args.root, args.split_file, work, size, args)
         else:
             for ext in ("png", "jpg"):

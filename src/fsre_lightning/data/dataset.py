@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fsre_lightning.data.decode import load_image, load_label, rgb_to_tensor
 from fsre_lightning.data.kitti_cache import CachedRows
@@ -129,5 +129,21 @@ def collate(items: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
             batch[key] = padded
             batch["gt_size"] = torch.tensor([v.shape[-2:] for v in values], dtype=torch.long)
         else:
-            batch[key] = torch.stack(values)
+            batch[key] = stack(values)
     return batch
+
+
+def stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack`; in a DataLoader worker, straight into shared memory.
+
+    A worker hands each batch to the main process in shared memory: a batch stacked in private
+    memory is copied once more on the way out. At 192 x 640 x 12 a worker spent 9.5 CPU ms per
+    sample with that copy and 6.8 to 7.8 ms without (benchmarks/README.md, "Keeping the GPU
+    fed"). `UntypedStorage._new_shared` is how PyTorch's own default collate does it.
+    """
+    if get_worker_info() is None:
+        return torch.stack(values)
+    first = values[0]
+    storage = torch.UntypedStorage._new_shared(len(values) * first.nbytes)
+    out = torch.empty(0, dtype=first.dtype).set_(storage, 0, (len(values), *first.shape))
+    return torch.stack(values, out=out)
