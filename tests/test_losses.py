@@ -220,6 +220,21 @@ def test_segmentation_loss_equals_cross_entropy() -> None:
     torch.testing.assert_close(segmentation_loss(logits, labels.to(torch.uint8)), out)
 
 
+def test_segmentation_loss_keeps_channels_last_logits_and_gradient() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 19, 6, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 19, (2, 6, 8), generator=gen)
+    labels[1, :, :3] = 255
+    nhwc = logits.contiguous(memory_format=torch.channels_last).requires_grad_()
+    nchw = logits.clone().requires_grad_()
+    out, ref = segmentation_loss(nhwc, labels), segmentation_loss(nchw, labels)
+    torch.testing.assert_close(out, ref, rtol=1e-14, atol=0)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(nhwc.grad, nchw.grad, rtol=1e-14, atol=1e-16)
+    assert nhwc.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_segmentation_loss_all_void_is_zero_with_a_graph() -> None:
     logits = torch.randn(2, 19, 4, 4, requires_grad=True)
     labels = torch.full((2, 4, 4), 255, dtype=torch.long)

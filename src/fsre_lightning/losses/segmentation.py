@@ -32,7 +32,14 @@ def segmentation_loss(
             f"got shape {tuple(labels.shape)}"
         )
     labels = labels.long()
-    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous():
+        # NHWC logits as rows of class scores (a view): the gradient comes back NHWC, so the
+        # segmentation head's backward converts nothing (design 3.15, channels-last).
+        n = logits.shape[1]
+        total = F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, n), labels.reshape(-1),
+                                ignore_index=ignore_index, reduction="sum")
+    else:
+        total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     count = (labels != ignore_index).sum()
     return total / count.clamp(min=1).to(total.dtype)
 
