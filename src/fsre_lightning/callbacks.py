@@ -14,8 +14,42 @@ import pytorch_lightning as pl
 import torch
 
 from fsre_lightning.nonfinite import NonFiniteLossError
+from fsre_lightning.rules import check_int
 
 log = logging.getLogger(__name__)
+
+
+class ProgressBar(pl.callbacks.RichProgressBar):
+    """Lightning's rich progress bar, showing the logged values named in `show` (callback
+    metrics, e.g. train/total) every `metrics_every_n_steps` training steps.
+
+    A value logged with `prog_bar=True` is copied to the host after every step by Lightning's
+    loop, which waits for the GPU to finish the step: one more synchronisation per step than
+    the non-finite check's (design 7.1), and the CPU cannot queue the next step's kernels
+    meanwhile. So the training step logs nothing to the bar and the bar reads these values
+    itself, every n steps. The bar itself advances every step.
+    """
+
+    def __init__(self, metrics_every_n_steps: int = 10,
+                 show: tuple[str, ...] | list[str] = ("train/total",), **kwargs: Any) -> None:
+        check_int("metrics_every_n_steps", metrics_every_n_steps, lo=1)
+        super().__init__(**kwargs)
+        self.metrics_every_n_steps = int(metrics_every_n_steps)
+        self.show = list(show)
+        self._shown: dict[str, float] = {}
+        self._shown_at: int | None = None
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                    ) -> dict[str, int | str | float | dict[str, float]]:
+        items = super().get_metrics(trainer, pl_module)
+        if trainer.training:
+            step = trainer.global_step
+            if self._shown_at is None or step - self._shown_at >= self.metrics_every_n_steps:
+                values = trainer.callback_metrics
+                self._shown = {k: float(values[k]) for k in self.show if k in values}
+                self._shown_at = step
+            items.update(self._shown)
+        return items
 
 
 class TrainingStopped(Exception):  # noqa: N818 - a stop on request, not an error

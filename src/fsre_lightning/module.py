@@ -24,9 +24,9 @@ from fsre_lightning.losses import photometric_losses
 from fsre_lightning.metrics import REPORTED_METRICS, DepthMetrics, SegmentationIoU
 from fsre_lightning.models.fsre import NetworkConfig
 from fsre_lightning.models.pose import PoseNetworkConfig
-from fsre_lightning.nonfinite import NonFinitePolicy, nonfinite_terms
+from fsre_lightning.nonfinite import NonFinitePolicy, nonfinite_terms, scalar_terms
 from fsre_lightning.objective import LossConfig, compute_losses
-from fsre_lightning.rules import check_int
+from fsre_lightning.rules import check_choice, check_int
 from fsre_lightning.visualize import (
     colorize_disparity,
     colorize_error,
@@ -53,7 +53,8 @@ class ModelConfig:
     nonfinite: str = "skip"
     nonfinite_max_consecutive: int = 100
     channels_last: bool = False
-    compile: bool = False
+    compile: Any = False
+    compile_mode: Any = None
     gradient_checkpointing: bool = False
     compile_loss: bool = False
 
@@ -61,6 +62,25 @@ class ModelConfig:
         check_int("image_log_every_n_steps", self.image_log_every_n_steps, lo=0)
         check_int("num_panel_images", self.num_panel_images, lo=1)
         NonFinitePolicy(self.nonfinite, self.nonfinite_max_consecutive)  # its rules
+        compile_target(self.compile)
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES, nullable=True)
+
+
+# model.compile: what torch.compile covers. "step" is the training step's forward and loss as one
+# graph (its backward is compiled with it); "networks" the depth and pose networks alone.
+COMPILE_TARGETS = ("networks", "step")
+# model.compile_mode: torch.compile's modes (null = "default"); "reduce-overhead" adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_target(value: Any) -> str | None:
+    """`model.compile` as None (off), "networks" or "step"; true means "step"."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "step"
+    check_choice("compile", value, (False, True, *COMPILE_TARGETS))
+    return str(value)
 
 
 def _plain(cfg: Any) -> Any:
@@ -94,7 +114,8 @@ class FSREModule(pl.LightningModule):
         nonfinite: str = "skip",
         nonfinite_max_consecutive: int = 100,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_mode: str | None = None,
         gradient_checkpointing: bool = False,
         compile_loss: bool = False,
         eval_crop: str = "garg",
@@ -118,6 +139,7 @@ class FSREModule(pl.LightningModule):
                 "nonfinite_max_consecutive": nonfinite_max_consecutive,
                 "channels_last": channels_last,
                 "compile": compile,
+                "compile_mode": compile_mode,
                 "gradient_checkpointing": gradient_checkpointing,
                 "compile_loss": compile_loss,
                 "eval_crop": eval_crop,
@@ -137,16 +159,24 @@ class FSREModule(pl.LightningModule):
         self.val_miou = SegmentationIoU()
         self.nonfinite = NonFinitePolicy(nonfinite, nonfinite_max_consecutive)
         self._batch_names: list[str] = []
-        self._apply_speed_options(channels_last, compile, gradient_checkpointing, compile_loss)
+        # The loss terms' finiteness, one flag on the device, read once per step (on_before_
+        # optimizer_step) together with the gradients': a single device-to-host transfer.
+        self._losses_finite: torch.Tensor | None = None
+        self._last_losses: dict[str, torch.Tensor] = {}
+        self._apply_speed_options(channels_last, compile, compile_mode, gradient_checkpointing,
+                                  compile_loss)
 
     def _apply_speed_options(
         self,
         channels_last: bool,
-        compile: bool,
+        compile: bool | str,
+        compile_mode: str | None,
         gradient_checkpointing: bool,
         compile_loss: bool,
     ) -> None:
         """Options that change speed and memory, never the maths (benchmarks/README.md)."""
+        target = compile_target(compile)
+        check_choice("compile_mode", compile_mode, COMPILE_MODES, nullable=True)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             # Weights in NHWC make the convolutions of both networks produce NHWC as well.
@@ -156,15 +186,30 @@ class FSREModule(pl.LightningModule):
             if not hasattr(self.net, "gradient_checkpointing"):
                 raise ValueError("model.gradient_checkpointing: the network does not support it")
             self.net.gradient_checkpointing = True
-        if compile:
+        mode = None if compile_mode in (None, "default") else compile_mode
+        if target == "networks":
             # Module.compile keeps the parameter names, so checkpoints stay interchangeable.
-            self.net.compile()
-            self.pose_net.compile()
+            self.net.compile(mode=mode)
+            self.pose_net.compile(mode=mode)
         # The photometric maps (SSIM + L1 of every source at every scale) are element-wise work
         # bound by memory traffic; Inductor fuses them into a few loops (2.4x on CPU).
         self._photometric = (
-            torch.compile(photometric_losses) if compile_loss else photometric_losses
+            torch.compile(photometric_losses) if compile_loss and target != "step"
+            else photometric_losses
         )
+        # The whole training step (networks, warps, every loss term) as one graph: Inductor
+        # fuses the loss's element-wise work with the networks' epilogues, and with static
+        # shapes (train batches drop the last, partial one) CUDA graphs can replay it. The
+        # step has no host synchronisation inside (tests/test_compile.py). Validation and
+        # prediction stay eager: other shapes, no gradients, no recompilation.
+        # The function, not the bound method, is compiled: a copy of the module (deepcopy,
+        # pickling) then runs its own networks, not the original's.
+        self._compiled_step = (
+            torch.compile(type(self)._forward_losses, mode=mode, dynamic=False)
+            if target == "step" else None
+        )
+        # Modes that replay CUDA graphs, whose outputs the next replay overwrites.
+        self._cuda_graphs = target is not None and mode in ("reduce-overhead", "max-autotune")
 
     # ------------------------------------------------------------------ steps
     def forward(self, image: torch.Tensor) -> dict[str, Any]:
@@ -177,32 +222,41 @@ class FSREModule(pl.LightningModule):
             for i, frame_id in enumerate(self.frame_ids[1:], start=1)
         ]
 
-    def _step(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _forward_losses(
+        self,
+        frames: torch.Tensor,
+        frames_aug: torch.Tensor,
+        K: torch.Tensor,
+        inv_K: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Networks and every loss term of one batch: tensors in, tensors out, nothing that
+        reads a value on the host (so that torch.compile takes it as one graph)."""
+        outputs = self.net(frames_aug[:, 0])  # the networks take their weights' layout
+        losses = compute_losses(outputs, frames, K, inv_K, self._transforms(frames_aug), labels,
+                                self.loss_cfg, photometric_fn=self._photometric)
+        return outputs, losses
+
+    def _step(
+        self, batch: Mapping[str, Any], train: bool = False
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         frames = batch["frames"]
-        frames_aug = batch.get("frames_aug", frames)
         if frames.shape[1] != len(self.frame_ids):
             raise ValueError(
                 f"batch has {frames.shape[1]} frames per sample but model.frame_ids is "
                 f"{self.frame_ids}: set data.frame_ids and model.frame_ids alike"
             )
-        image = frames_aug[:, 0]
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        outputs = self.net(image)
-        losses = compute_losses(
-            outputs,
-            frames,
-            batch["K"],
-            batch["inv_K"],
-            self._transforms(frames_aug),
-            batch.get("labels"),
-            self.loss_cfg,
-            photometric_fn=self._photometric,
-        )
-        return outputs, losses
+        args = (frames, batch.get("frames_aug", frames), batch["K"], batch["inv_K"],
+                batch.get("labels"))
+        if train and self._compiled_step is not None:
+            return self._compiled_step(self, *args)
+        return self._forward_losses(*args)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.nonfinite.start_step()
+        if self._cuda_graphs:
+            # The previous step's graph outputs may be overwritten from here on.
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _any_rank(self, flag: bool) -> bool:
         """`flag` OR-ed over the DDP ranks (every rank must call this equally often)."""
@@ -223,17 +277,22 @@ class FSREModule(pl.LightningModule):
             self.nonfinite.skip_step = True
             self._log_skipped(batch)
             return None
-        outputs, losses = self._step(batch)
-        bad = nonfinite_terms(losses)
-        if self._any_rank(bool(bad)):
-            self.nonfinite.handle("loss", bad or ["(on another rank)"], self.global_step,
-                                  self._batch_names)
-            self._log_skipped(batch)
-            return None  # Lightning then skips backward; Adam sees no gradients and no step
+        outputs, losses = self._step(batch, train=True)
+        # No host read here: a NaN/inf term is detected in on_before_optimizer_step, in the one
+        # device-to-host transfer of the step, where its gradients are dropped (design 7.1).
+        terms = scalar_terms(losses)
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        finite = torch.isfinite(values).all()
+        # Accumulated gradients: every batch of the accumulation counts.
+        if self._losses_finite is not None:
+            finite = finite & self._losses_finite
+        self._losses_finite = finite
+        self._last_losses = dict(zip(terms, values.unbind(0), strict=True))
         batch_size = batch["frames"].shape[0]
-        for name, value in losses.items():
-            if value.dim() == 0:
-                self.log(f"train/{name}", value, prog_bar=name == "total", batch_size=batch_size)
+        for name, value in self._last_losses.items():
+            # Not prog_bar: Lightning would read it on the host after every step (the progress
+            # bar, fsre_lightning.callbacks.ProgressBar, shows train/total every n steps).
+            self.log(f"train/{name}", value, batch_size=batch_size)
         if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
             self._log_panel("train/panel", batch, outputs, losses.get("automask"))
         self._log_skipped(batch)
@@ -243,17 +302,25 @@ class FSREModule(pl.LightningModule):
         self.nonfinite.end_step()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Catch finite losses with non-finite gradients before they reach Adam's moments."""
-        if self.nonfinite.skip_step or str(self.trainer.precision).startswith("16"):
-            # 16-bit AMP: the grad scaler skips overflowing steps itself, by design.
+        """Drop the step of a batch whose loss or gradients hold a NaN/inf before they reach
+        Adam's moments: the step's only device-to-host transfer."""
+        flags = [] if self._losses_finite is None else [self._losses_finite]
+        self._losses_finite = None
+        if self.nonfinite.skip_step:
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        # 16-bit AMP: the grad scaler skips steps with overflowing gradients itself, by design.
+        if not str(self.trainer.precision).startswith("16"):
+            grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+            if grads:
+                norms = torch.stack(torch._foreach_norm(grads))  # one kernel per few tensors
+                flags.append(torch.isfinite(norms).all())
+        if not flags or bool(torch.stack(flags).all()):
             return
-        norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-        if bool(torch.isfinite(norms).all()):
-            return
-        self.nonfinite.handle("gradients", ["gradients"], self.global_step, self._batch_names)
+        # Under DDP the gradients are already averaged over the ranks: a NaN on any rank is
+        # a NaN on all of them, so every rank takes this branch together.
+        bad = nonfinite_terms(self._last_losses)
+        what, names = ("loss", bad) if bad else ("gradients", ["gradients"])
+        self.nonfinite.handle(what, names, self.global_step, self._batch_names)
         for p in self.parameters():
             p.grad = None  # Adam skips parameters without a gradient: its state stays as it was
 

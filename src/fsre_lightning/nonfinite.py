@@ -32,11 +32,18 @@ class NonFiniteLossError(UserError, RuntimeError):
     """
 
 
+def scalar_terms(losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss terms: the floating-point scalars among the step's outputs (the auto-mask and
+    any other map are no loss)."""
+    return {name: value for name, value in losses.items()
+            if value.dim() == 0 and value.is_floating_point()}
+
+
 def nonfinite_terms(losses: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point loss terms holding a NaN or inf (the auto-mask is no loss)."""
-    return [name for name, value in losses.items()
-            if name != "automask" and value.is_floating_point()
-            and not bool(torch.isfinite(value).all())]
+    """Names of the loss terms holding a NaN or inf (one host read per term: for reporting a
+    step already known to be bad)."""
+    return [name for name, value in scalar_terms(losses).items()
+            if not bool(torch.isfinite(value))]
 
 
 class NonFinitePolicy:
