@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --shape 96x320x4 192x640x2 --objective optimised plain
     python benchmarks/train_step.py --precision 32 bf16 --channels-last 0 1 --checkpointing 0 1
     python benchmarks/train_step.py --compile-loss 0 1              # model.compile_loss
+    python benchmarks/train_step.py --precision bf16 --channels-last 1 --compile step \
+        --compile-mode reduce-overhead --device cuda                 # trainer=gpu_fast
     python benchmarks/train_step.py --objective reference --reference-dir /tmp/FSRE-Depth
     python benchmarks/train_step.py --profile                        # top operators
 
@@ -61,6 +63,19 @@ VARIANTS: dict[str, tuple[dict, dict, list[str]]] = {
 }
 OBJECTIVES = ("optimised", "plain", "reference", "networks")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+# Named rows (`--preset`): the option sets worth comparing on a GPU, as `trainer=...` sets them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fp32": {"precision": "32", "channels_last": 0, "compile": "none", "compile_mode": "default"},
+    "bf16": {"precision": "bf16", "channels_last": 0, "compile": "none",
+             "compile_mode": "default"},
+    "bf16_nhwc": {"precision": "bf16", "channels_last": 1, "compile": "none",
+                  "compile_mode": "default"},
+    "bf16_nhwc_step": {"precision": "bf16", "channels_last": 1, "compile": "step",
+                       "compile_mode": "default"},
+    # trainer=gpu_fast
+    "gpu_fast": {"precision": "bf16", "channels_last": 1, "compile": "step",
+                 "compile_mode": "reduce-overhead"},
+}
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -99,7 +114,8 @@ def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
     net_over, loss_over, _ = VARIANTS[cfg["variant"]]
     module = FSREModule(network={**NETWORK, **net_over}, pose_network=POSE, loss=loss_over,
                         image_log_every_n_steps=0, channels_last=cfg["channels_last"],
-                        compile=cfg["compile"],
+                        compile=cfg["compile"] if cfg["compile"] != "none" else False,
+                        compile_mode=cfg["compile_mode"],
                         gradient_checkpointing=cfg["checkpointing"],
                         compile_loss=cfg["compile_loss"], **optimiser_configs()).to(device)
     (optimizer,), _ = module.configure_optimizers()
@@ -127,7 +143,15 @@ def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
             return sum(t.mean() for t in [*maps, *poses] if t is not None)
     else:
         def losses() -> torch.Tensor:
-            return module._step(batch)[1]["total"]
+            if module._cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            _, terms = module._step(batch, train=True)
+            # What training does besides: the terms' finiteness as one flag, read once.
+            finite.append(torch.isfinite(torch.stack(
+                [v.detach().float() for k, v in terms.items() if v.dim() == 0])).all())
+            return terms["total"]
+    finite: list[torch.Tensor] = []
+    losses.finite = finite  # type: ignore[attr-defined]
     return losses, optimizer
 
 
@@ -185,6 +209,10 @@ def run_child(cfg: dict[str, Any]) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             total = losses()
         scaler.scale(total).backward()
+        flags = getattr(losses, "finite", None)
+        # The training step's one host read (FSREModule.on_before_optimizer_step).
+        if flags and not bool(flags.pop()):
+            raise FloatingPointError("non-finite loss in the benchmark step")
         scaler.step(optimizer)
         scaler.update()
         if device.type == "cuda":
@@ -219,18 +247,27 @@ def _current_rss_mib() -> float:
 
 # ---------------------------------------------------------------------------- parent process
 def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.preset:
+        return preset_configurations(args)
     out = []
-    for variant, shape, objective, precision, cl, comp, ckpt, closs in itertools.product(
+    for variant, shape, objective, precision, cl, comp, mode, ckpt, closs in itertools.product(
             args.variant, args.shape, args.objective, args.precision, args.channels_last,
-            args.compile, args.checkpointing, args.compile_loss):
-        if objective == "reference" and (precision != "32" or cl or comp or ckpt or closs):
+            args.compile, args.compile_mode, args.checkpointing, args.compile_loss):
+        comp = {"0": "none", "1": "step"}.get(comp, comp)
+        if comp == "none" and mode != args.compile_mode[0]:
+            continue  # the mode means nothing without compilation
+        if comp == "step" and objective != "optimised":
+            continue  # only the training step of FSREModule is compiled as a whole
+        if objective == "reference" and (precision != "32" or cl or comp != "none" or ckpt
+                                         or closs):
             continue  # the reference runs as published: fp32, no options
         if closs and objective != "optimised":
             continue  # only the optimised objective calls the compiled photometric maps
         if objective == "reference" and not args.reference_dir:
             raise SystemExit("--objective reference needs --reference-dir (a local checkout)")
         out.append({"variant": variant, "shape": shape, "objective": objective,
-                    "precision": precision, "channels_last": bool(cl), "compile": bool(comp),
+                    "precision": precision, "channels_last": bool(cl), "compile": comp,
+                    "compile_mode": None if comp == "none" else mode,
                     "checkpointing": bool(ckpt), "compile_loss": bool(closs),
                     "threads": args.threads,
                     "device": args.device, "warmup": args.warmup, "steps": args.steps,
@@ -239,9 +276,33 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
+def preset_configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--preset` rows of the optimised step, plus fp32 rows of the other `--objective`s."""
+    rows: list[dict[str, Any]] = []
+    for variant, shape in itertools.product(args.variant, args.shape):
+        here = [{"objective": objective, **PRESETS["fp32"]} for objective in args.objective
+                if objective != "optimised"]
+        here += [{"objective": "optimised", "preset": name, **PRESETS[name]}
+                 for name in args.preset]
+        rows += [{**row, "variant": variant, "shape": shape} for row in here]
+    out = []
+    for row in rows:
+        if row["objective"] == "reference" and not args.reference_dir:
+            raise SystemExit("--objective reference needs --reference-dir (a local checkout)")
+        out.append({**row, "channels_last": bool(row["channels_last"]),
+                    "compile_mode": None if row["compile"] == "none" else row["compile_mode"],
+                    "checkpointing": False, "compile_loss": False, "threads": args.threads,
+                    "device": args.device, "warmup": args.warmup, "steps": args.steps,
+                    "profile": args.profile, "profile_rows": args.profile_rows,
+                    "reference_dir": args.reference_dir})
+    return out
+
+
 def label(cfg: dict[str, Any]) -> str:
     h, w, b = cfg["shape"]
-    opts = [k for k, v in (("nhwc", cfg["channels_last"]), ("compile", cfg["compile"]),
+    compiled = "" if cfg["compile"] == "none" else f"compile-{cfg['compile']}" + (
+        f"({cfg['compile_mode']})" if cfg["compile_mode"] not in (None, "default") else "")
+    opts = [k for k, v in (("nhwc", cfg["channels_last"]), (compiled, compiled),
                            ("ckpt", cfg["checkpointing"]),
                            ("compile-loss", cfg["compile_loss"])) if v]
     return (f"{cfg['variant']} {h}x{w} b{b} {cfg['objective']} "
@@ -257,11 +318,21 @@ def main() -> None:
     parser.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=["optimised"])
     parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS), default=["32"])
     parser.add_argument("--channels-last", nargs="+", type=int, choices=[0, 1], default=[0])
-    parser.add_argument("--compile", nargs="+", type=int, choices=[0, 1], default=[0])
+    parser.add_argument("--compile", nargs="+", choices=["0", "1", "none", "networks", "step"],
+                        default=["none"], help="model.compile: none, networks, or step (the "
+                                               "whole training step; 1 = step)")
+    parser.add_argument("--compile-mode", nargs="+", default=["default"],
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="model.compile_mode; reduce-overhead replays CUDA graphs")
     parser.add_argument("--checkpointing", nargs="+", type=int, choices=[0, 1], default=[0],
                         help="gradient checkpointing of the decoder blocks")
     parser.add_argument("--compile-loss", nargs="+", type=int, choices=[0, 1], default=[0],
                         help="model.compile_loss: torch.compile the photometric maps")
+    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=[],
+                        help="named option sets of the optimised step (e.g. fp32 gpu_fast) "
+                             "instead of the product of --precision/--channels-last/--compile; "
+                             "other --objective values add their fp32 rows")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=2,
