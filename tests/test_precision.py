@@ -1,4 +1,4 @@
-"""Mixed precision: the networks may run in bfloat16, the loss never does (design 4.7).
+"""Mixed precision: the networks may run in bfloat16, the loss never does (design 7.2).
 
 Under `trainer.precision=bf16-mixed` autocast runs the convolutions in bfloat16; the loss must
 still see float32 pixel coordinates, depths, SSIM statistics and SGT distances. These tests

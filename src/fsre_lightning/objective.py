@@ -117,7 +117,7 @@ def compute_losses(
     auto-mask of scale 0 under "automask".
 
     The loss is evaluated in float32 (or float64) whatever precision the networks ran in
-    (docs/design.md 4.7): under bf16/fp16 autocast, depth from disparity, pixel coordinates
+    (docs/design.md 7.2): under bf16/fp16 autocast, depth from disparity, pixel coordinates
     (up to 1024, where bfloat16 steps by 4 to 8 pixels), the SSIM statistics (differences of
     nearly equal means) and the SGT distances would lose most of their digits. Only the
     networks' outputs are cast: 1-channel disparities, the segmentation logits and the three
