@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean constraints check-floors
+.PHONY: install test test-fast lint demo clean constraints check-floors gpu-carry
 
 install: $(STAMP)
 
@@ -29,7 +29,22 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks tools
 
 clean:
-	rm -rf $(VENV) $(FLOORS) outputs .pytest_cache
+	rm -rf $(VENV) $(FLOORS) outputs .pytest_cache .carry
+
+# What benchmarks/gpu_session.sh needs on a lent GPU machine whose Python lacks some packages
+# and reaches no registry: pure-Python copies of hydra, omegaconf, antlr4 and kornia, the
+# cp312 kornia_rs wheel, and the published code (REF=<a checkout of hyBlue/FSRE-Depth>).
+gpu-carry: install
+	test -n "$(REF)" || { echo "make gpu-carry REF=<checkout of hyBlue/FSRE-Depth>"; exit 2; }
+	rm -rf .carry && mkdir -p .carry/site .carry/whl .carry/FSRE-Depth
+	site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+		cp -r $$site/hydra $$site/omegaconf $$site/antlr4 $$site/kornia .carry/site/
+	find .carry/site -name __pycache__ -type d -prune -exec rm -rf {} +
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 -d .carry/whl \
+		kornia_rs==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('kornia_rs'))")
+	cp -r $(REF)/. .carry/FSRE-Depth/ && rm -rf .carry/FSRE-Depth/.git
+	du -sh .carry
 
 # After upgrading packages in .venv on purpose: record the versions make install pins.
 constraints: install

@@ -157,7 +157,8 @@ def train_overrides(cfg: dict[str, Any], args: argparse.Namespace, out: Path) ->
         f"++data.synthetic.frames_per_drive={args.frames_per_drive}",
         "model.network.pretrained=false",
         f"model.channels_last={str(bool(args.channels_last)).lower()}",
-        f"model.compile={str(bool(args.compile)).lower()}",
+        f"model.compile={'step' if args.compile else 'false'}",
+        f"model.compile_mode={args.compile_mode if args.compile else 'null'}",
         f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={PRECISIONS[cfg['precision']]}",
         f"trainer.max_steps={args.warmup + args.steps + 1}", "trainer.max_epochs=100000",
@@ -201,7 +202,8 @@ def measure_step_rate(shape: tuple[int, int, int], precision: str,
                "--precision", precision, "--device", args.device, "--rounds", "1",
                "--steps", str(args.step_steps), "--warmup", str(args.step_warmup),
                "--channels-last", str(int(args.channels_last)),
-               "--compile", str(int(args.compile))]
+               "--compile", "step" if args.compile else "none",
+               "--compile-mode", args.compile_mode]
     if args.device == "cpu":  # as the training runs' OMP_NUM_THREADS (child_env)
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -241,7 +243,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed batches")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     parser.add_argument("--channels-last", action="store_true", help="model.channels_last")
-    parser.add_argument("--compile", action="store_true", help="model.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="model.compile=step (the whole training step)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="model.compile_mode with --compile (reduce-overhead: CUDA graphs; "
+                             "with --precision bf16 --channels-last: trainer=gpu_fast)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--drives", type=int, default=8,
                         help="synthetic drives (all but 2 are training drives)")
