@@ -124,24 +124,33 @@ def test_compile_options_are_checked_and_step_compiles_the_training_step_only() 
 
 
 class HostReads(TorchDispatchMode):
+    """Counts host reads, and uploads of Python data (`torch.tensor(...)` on the device: a
+    synchronous copy on a GPU) while `uploads_on` is set."""
+
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.uploads = 0
+        self.uploads_on = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = str(func.overloadpacket)
         if name.startswith(HOST_READS):
             self.counts[name] += 1
+        elif name == "aten.lift_fresh" and self.uploads_on:
+            self.uploads += 1
         return func(*args, **(kwargs or {}))
 
 
 class CountPerStep(pl.Callback):
     """Host reads between consecutive batch starts: everything one step does, Lightning's
-    loop, the optimiser, logging and the progress bar included."""
+    loop, the optimiser, logging and the progress bar included; uploads from the batch's
+    start to its end (the data loader's collate on the host is not one)."""
 
     def __init__(self) -> None:
         self.mode = HostReads()
         self.marks: list[int] = []
+        self.uploads: list[int] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.mode.__enter__()
@@ -149,6 +158,12 @@ class CountPerStep(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self.marks.append(sum(self.mode.counts.values()))
+        self.mode.uploads, self.mode.uploads_on = 0, True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.mode.uploads_on = False
+        self.uploads.append(self.mode.uploads)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.marks.append(sum(self.mode.counts.values()))
@@ -178,5 +193,8 @@ def test_a_training_step_reads_the_device_once(tmp_path: Any) -> None:
     # Step 0 also fills the progress bar's first reading; every later step reads one flag:
     # the finiteness of the loss terms and gradients together.
     assert per_step[1:] == [1, 1, 1, 1], (per_step, counter.mode.counts)
+    # After the first step (Lightning creates its metric states then) nothing is uploaded:
+    # no Python number is logged every step, no constant is built as a tensor per call.
+    assert counter.uploads[1:] == [0, 0, 0, 0], counter.uploads
     assert trainer.global_step == 5
     assert set(bar._shown) == {"train/total"}  # the bar did show the loss

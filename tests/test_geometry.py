@@ -81,3 +81,15 @@ def test_warp_translation_shifts_by_disparity() -> None:
     out = warp(source, torch.full((b, 1, h, w), Z), T, K, inv_K)
     expected = ((u - shift).clamp(0, w - 1) / w).view(1, 1, 1, w).expand_as(out)
     assert torch.allclose(out, expected, atol=1e-4)
+
+
+def test_grid_coordinates_equal_kornias_normalisation() -> None:
+    from kornia.geometry.conversions import normalize_pixel_coordinates
+
+    from fsre_lightning.geometry import to_grid_coordinates
+
+    uv = torch.rand(2, 5, 7, 2, dtype=torch.float64) * torch.tensor([6.0, 4.0]) * 1.5 - 1
+    torch.testing.assert_close(to_grid_coordinates(uv, 5, 7),
+                               normalize_pixel_coordinates(uv, 5, 7), rtol=1e-15, atol=1e-15)
+    corners = torch.tensor([[0.0, 0.0], [6.0, 4.0]])
+    assert to_grid_coordinates(corners, 5, 7).tolist() == [[-1.0, -1.0], [1.0, 1.0]]

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from kornia.geometry import create_meshgrid
-from kornia.geometry.conversions import axis_angle_to_rotation_matrix, normalize_pixel_coordinates
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
 from fsre_lightning.data.layout import KITTI_INTRINSICS
 
 # z below this is treated as on the camera plane, so projection never divides by zero.
 _Z_EPS = 1e-7
+# Image sizes of one pixel: kornia's guard against dividing by W - 1 = 0.
+_PIXEL_EPS = 1e-14
 
 
 def disp_to_depth(
@@ -109,7 +111,19 @@ def project(
     cam = (K @ T)[:, :3, :] @ points
     uv = cam[:, :2] / (cam[:, 2:3] + _Z_EPS)
     uv = uv.transpose(1, 2).reshape(points.shape[0], height, width, 2)
-    return normalize_pixel_coordinates(uv, height, width)
+    return to_grid_coordinates(uv, height, width)
+
+
+def to_grid_coordinates(uv: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel coordinates (..., 2) as (u, v) to grid_sample's [-1, 1] for align_corners=True.
+
+    kornia's `normalize_pixel_coordinates` computes the same, but builds its factors as a new
+    tensor on every call: on a GPU an upload that waits for the queue, twice per scale and
+    source batch in every step. Python scalars are folded into the kernels instead.
+    """
+    sx = 2.0 / max(width - 1, _PIXEL_EPS)
+    sy = 2.0 / max(height - 1, _PIXEL_EPS)
+    return torch.stack([uv[..., 0] * sx - 1.0, uv[..., 1] * sy - 1.0], dim=-1)
 
 
 def warp(

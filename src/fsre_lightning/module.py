@@ -163,6 +163,7 @@ class FSREModule(pl.LightningModule):
         # optimizer_step) together with the gradients': a single device-to-host transfer.
         self._losses_finite: torch.Tensor | None = None
         self._last_losses: dict[str, torch.Tensor] = {}
+        self._logged_counts: dict[str, float] = {}
         self._apply_speed_options(channels_last, compile, compile_mode, gradient_checkpointing,
                                   compile_loss)
 
@@ -265,9 +266,18 @@ class FSREModule(pl.LightningModule):
         return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     def _log_skipped(self, batch: Mapping[str, Any]) -> None:
-        self.log("train/skipped_nonfinite", float(self.nonfinite.skipped), reduce_fx="max")
+        # Counters are logged when they change and on the loggers' steps, not every step: a
+        # Python number logged is uploaded to the GPU, a copy that waits for the queue
+        # (design 7.1).
+        counts = {"train/skipped_nonfinite": float(self.nonfinite.skipped)}
         if "num_skipped" in batch:  # unreadable samples dropped so far (data.on_error=skip)
-            self.log("train/skipped_samples", float(batch["num_skipped"]), reduce_fx="max")
+            counts["train/skipped_samples"] = float(batch["num_skipped"])
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        due = self.global_step % max(1, every) == 0
+        for key, value in counts.items():
+            if due or self._logged_counts.get(key) != value:
+                self.log(key, value, reduce_fx="max")
+                self._logged_counts[key] = value
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         self._batch_names = list(batch.get("name", []))
