@@ -46,6 +46,9 @@ from fsre_lightning.schema import OPTIMIZERS, SCHEDULERS, TrainerConfig
         ("model.optimizer.pose_lr_scale=0.0", "model.optimizer.pose_lr_scale", 0.0, "> 0"),
         ("model.optimizer.fused=yes", "model.optimizer.fused", "yes", "true or false"),
         ("model.compile_loss=1", "model.compile_loss", 1, "true or false"),
+        ("model.compile=everything", "model.compile", "everything", "'step'"),
+        ("model.compile=1", "model.compile", 1, "'networks'"),
+        ("model.compile_mode=fastest", "model.compile_mode", "fastest", "reduce-overhead"),
         ("data.batch_size=two", "data.batch_size", "two", "an integer"),
         ("data.frame_ids=[0,a,1]", "data.frame_ids", [0, "a", 1], "a list of integers"),
         ("data.synthetic.num_drives=2", "data.synthetic.num_drives", 2, ">= 3"),
@@ -66,6 +69,18 @@ def test_unknown_keys_list_what_is_allowed(compose: Any) -> None:
     message = str(err.value)
     assert message.startswith("model.network.heads is not a known key")
     assert "'num_heads'" in message and "'cma_scales'" in message
+
+
+def test_gpu_fast_preset_sets_the_gpu_options_and_validates(compose: Any) -> None:
+    cfg = compose("train", "trainer=gpu_fast")
+    validate_config(cfg, "train")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model.channels_last is True and cfg.model.compile == "step"
+    assert cfg.model.compile_mode == "reduce-overhead"
+    assert cfg.trainer.max_epochs == compose("train", "trainer=gpu").trainer.max_epochs
+    # An experiment composed after it still sets its own model keys.
+    demo = compose("train", "trainer=gpu_fast +experiment=demo")
+    assert demo.model.network.pretrained == "auto" and demo.model.compile == "step"
 
 
 def test_margin_zero_is_the_end_of_the_papers_sweep(compose: Any) -> None:
