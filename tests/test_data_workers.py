@@ -93,3 +93,26 @@ def test_workers_are_started_once_per_fit_not_per_epoch(
     lines = starts.read_text().split()
     assert lines[::2].count("train") == 1, lines  # one worker, started once for 3 epochs
     assert lines[::2].count("val") == 1, lines
+
+
+def test_a_sigterm_to_a_worker_being_started_does_not_kill_it() -> None:
+    """A signal to the process group can reach a worker before its init function has set its
+    handlers; it must wait for them (WorkerSafeDataLoader), not kill the worker."""
+    import signal
+    import time
+
+    from fsre_lightning.data.resumable import WorkerSafeDataLoader, ignore_stop_signals
+
+    items = [torch.full((2,), float(i)) for i in range(4)]
+    loader = WorkerSafeDataLoader(items, batch_size=2, num_workers=1,
+                                  worker_init_fn=ignore_stop_signals)
+    iterator = iter(loader)
+    (worker,) = iterator._workers  # just forked: its init function has most likely not run
+    os.kill(worker.pid, signal.SIGTERM)
+    batches = [next(iterator) for _ in range(2)]  # served in the worker's grace period
+    assert torch.equal(torch.cat(batches).flatten(), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3.0]))
+    time.sleep(0.2)
+    assert worker.exitcode is None or worker.exitcode == 0  # not killed by the signal
+    # The parent's own mask is restored: it still receives the signals.
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGTERM, signal.SIGINT}
+    del iterator

@@ -62,6 +62,7 @@ from fsre_lightning.data.layout import (
 )
 from fsre_lightning.data.resumable import (
     ResumableDataLoader,
+    WorkerSafeDataLoader,
     ignore_stop_signals,
     shutdown_workers,
 )
@@ -413,8 +414,8 @@ class KittiDataModule(pl.LightningDataModule):
         else:
             # Own generator: iterating a validation loader must not consume the global torch
             # RNG, or training after a mid-epoch validation would differ from a resumed run's.
-            loader = DataLoader(self.datasets[split], shuffle=False, drop_last=False,
-                                generator=torch.Generator(), **common)
+            loader = WorkerSafeDataLoader(self.datasets[split], shuffle=False, drop_last=False,
+                                          generator=torch.Generator(), **common)
         self._loaders.append(loader)
         return loader
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,7 +107,34 @@ class SeededItems(Dataset):
         return getattr(self.dataset, name)
 
 
-class ResumableDataLoader(DataLoader):
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class WorkerSafeDataLoader(DataLoader):
+    """A DataLoader whose worker processes are born with SIGINT and SIGTERM blocked.
+
+    `ignore_stop_signals` installs the workers' own handlers, but only once a worker runs
+    its init function; a signal sent to the process group while workers are being started
+    (the validation loader's at its first use, a loader on a loaded machine) would otherwise
+    kill a worker with the default action, and the run would crash instead of stopping at a
+    step boundary. Blocked in the parent while it starts them (the child inherits the mask),
+    the signals stay pending in a new worker until its handlers are in place; the parent
+    receives its own as soon as the workers exist.
+    """
+
+    def __iter__(self) -> Any:
+        starts_workers = (self.num_workers > 0 and self.worker_init_fn is ignore_stop_signals
+                          and threading.current_thread() is threading.main_thread())
+        if not starts_workers:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class ResumableDataLoader(WorkerSafeDataLoader):
     """Shuffled training loader with exact mid-epoch resume (see the module docstring).
 
     Lightning treats any loader with `state_dict` / `load_state_dict` as stateful: it saves the
@@ -193,6 +221,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     seeding still runs when `seed_everything(workers=True)` asked for it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _sigterm_later)
+    # Born with both blocked (WorkerSafeDataLoader): one that arrived meanwhile is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if os.environ.get("PL_SEED_WORKERS") == "1":
         from lightning_fabric.utilities.seed import pl_worker_init_function
 
