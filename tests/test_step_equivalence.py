@@ -148,7 +148,7 @@ def test_cma_fused_weights_equal_the_literal_q_k_v_formulation(heads: int) -> No
 def test_speed_options_keep_parameter_names_and_set_the_network_up() -> None:
     net = {**FULL, "segmentation": False, "cma_scales": []}
     plain = FSREModule(network=net, pose_network=POSE)
-    tuned = FSREModule(network=net, pose_network=POSE, channels_last=True, compile=True,
+    tuned = FSREModule(network=net, pose_network=POSE, channels_last=True, compile="networks",
                        gradient_checkpointing=True, compile_loss=True)
     # Checkpoints stay interchangeable between runs with and without the options.
     assert list(tuned.state_dict()) == list(plain.state_dict())
@@ -158,3 +158,6 @@ def test_speed_options_keep_parameter_names_and_set_the_network_up() -> None:
     assert tuned.hparams["compile"] and tuned.hparams["channels_last"]
     assert tuned.hparams["compile_loss"] and tuned._photometric is not photometric_losses
     assert plain._photometric is photometric_losses
+    # The compiled step includes the photometric maps: nothing compiled separately inside it.
+    step = FSREModule(network=net, pose_network=POSE, compile=True, compile_loss=True)
+    assert step._compiled_step is not None and step._photometric is photometric_losses
