@@ -9,7 +9,6 @@ sizes where every checked map has C > 1 and H * W > 1, or say why they skip one.
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,15 +33,8 @@ H_IMG, W_IMG = 64, 192
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a connection (e.g. a weight download) fails the test."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("network access attempted during a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+# Any attempt to open a connection (e.g. a weight download) fails the test.
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _nhwc(x: torch.Tensor) -> bool:
