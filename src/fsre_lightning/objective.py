@@ -124,68 +124,52 @@ def compute_losses(
     SGT feature maps.
     """
     with torch.autocast(frames.device.type, enabled=False):
-        return _compute_losses(outputs, frames, K, inv_K, transforms, labels, cfg, generator,
-                               recompute, photometric_fn)
+        target = frames[:, 0]
+        # S x B x 3 x H x W: every source of a scale goes through one warp and one SSIM call.
+        sources = frames[:, 1:].transpose(0, 1)
+        stacked_transforms = torch.stack([full_precision(t) for t in transforms])
+        size = tuple(target.shape[-2:])
+        disps = {s: full_precision(d) for s, d in outputs["disp"].items()}  # type: ignore[union-attr]
+        scales = sorted(disps)
+        # The target's SSIM statistics serve every source, the identity maps and every scale.
+        target_stats = ssim_target_stats(target) if cfg.alpha > 0 else None
 
-
-def _compute_losses(
-    outputs: Mapping[str, Mapping[int, torch.Tensor] | torch.Tensor],
-    frames: torch.Tensor,
-    K: torch.Tensor,
-    inv_K: torch.Tensor,
-    transforms: Sequence[torch.Tensor],
-    labels: torch.Tensor | None,
-    cfg: LossConfig,
-    generator: torch.Generator | None,
-    recompute: bool,
-    photometric_fn: Callable[..., torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    target = frames[:, 0]
-    # S x B x 3 x H x W: every source of a scale goes through one warp and one SSIM call.
-    sources = frames[:, 1:].transpose(0, 1)
-    stacked_transforms = torch.stack([full_precision(t) for t in transforms])
-    size = tuple(target.shape[-2:])
-    disps = {s: full_precision(d) for s, d in outputs["disp"].items()}  # type: ignore[union-attr]
-    scales = sorted(disps)
-    # The target's SSIM statistics serve every source, the identity maps and every scale.
-    target_stats = ssim_target_stats(target) if cfg.alpha > 0 else None
-
-    # The unwarped sources do not depend on the scale: one identity loss map per source.
-    identity = (
-        list(photometric_fn(sources, target, cfg.alpha, target_stats).unbind(0))
-        if cfg.automask
-        else None
-    )
-
-    def reprojection_maps(disp: torch.Tensor, transforms_: torch.Tensor) -> torch.Tensor:
-        _, depth = disp_to_depth(upsample_to(disp, size), cfg.min_depth, cfg.max_depth)
-        warped = warp_many(sources, depth, transforms_, K, inv_K)
-        return photometric_fn(warped, target, cfg.alpha, target_stats)
-
-    photometric_terms, smooth_terms = [], []
-    automask = None
-    for s in scales:
-        disp = disps[s]
-        if recompute and torch.is_grad_enabled():
-            # The warps and SSIM maps of a scale are ~60 full-resolution images; keeping them
-            # for backward is most of the loss's memory (~15% of the step's peak RSS at
-            # 96 x 320). Saving only the disparity and poses and recomputing that part in
-            # backward costs one more pass of it (a few % of a step on CPU).
-            maps = checkpoint(reprojection_maps, disp, stacked_transforms, use_reentrant=False)
-        else:
-            maps = reprojection_maps(disp, stacked_transforms)
-        loss_s, mask_s = min_reprojection_loss(
-            list(maps.unbind(0)), identity, noise_std=cfg.identity_noise, generator=generator
+        # The unwarped sources do not depend on the scale: one identity loss map per source.
+        identity = (
+            list(photometric_fn(sources, target, cfg.alpha, target_stats).unbind(0))
+            if cfg.automask
+            else None
         )
-        if s == scales[0]:
-            automask = mask_s
-        photometric_terms.append(loss_s)
-        smooth_terms.append(smoothness_loss(disp, downsample_image(target, s)))
 
-    losses = weighted_terms(photometric_terms, smooth_terms, scales, outputs, labels, cfg)
-    if automask is not None:
-        losses["automask"] = automask
-    return losses
+        def reprojection_maps(disp: torch.Tensor, transforms_: torch.Tensor) -> torch.Tensor:
+            _, depth = disp_to_depth(upsample_to(disp, size), cfg.min_depth, cfg.max_depth)
+            warped = warp_many(sources, depth, transforms_, K, inv_K)
+            return photometric_fn(warped, target, cfg.alpha, target_stats)
+
+        photometric_terms, smooth_terms = [], []
+        automask = None
+        for s in scales:
+            disp = disps[s]
+            if recompute and torch.is_grad_enabled():
+                # The warps and SSIM maps of a scale are ~60 full-resolution images; keeping them
+                # for backward is most of the loss's memory (~15% of the step's peak RSS at
+                # 96 x 320). Saving only the disparity and poses and recomputing that part in
+                # backward costs one more pass of it (a few % of a step on CPU).
+                maps = checkpoint(reprojection_maps, disp, stacked_transforms, use_reentrant=False)
+            else:
+                maps = reprojection_maps(disp, stacked_transforms)
+            loss_s, mask_s = min_reprojection_loss(
+                list(maps.unbind(0)), identity, noise_std=cfg.identity_noise, generator=generator
+            )
+            if s == scales[0]:
+                automask = mask_s
+            photometric_terms.append(loss_s)
+            smooth_terms.append(smoothness_loss(disp, downsample_image(target, s)))
+
+        losses = weighted_terms(photometric_terms, smooth_terms, scales, outputs, labels, cfg)
+        if automask is not None:
+            losses["automask"] = automask
+        return losses
 
 
 def weighted_terms(photometric_terms: Sequence[torch.Tensor], smooth_terms: Sequence[torch.Tensor],
