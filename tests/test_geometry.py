@@ -2,12 +2,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fsre_lightning.geometry import (
     backproject,
     disp_to_depth,
     intrinsics_matrix,
     project,
+    sample,
     transformation_from_parameters,
     warp,
 )
@@ -93,3 +95,31 @@ def test_grid_coordinates_equal_kornias_normalisation() -> None:
                                normalize_pixel_coordinates(uv, 5, 7), rtol=1e-15, atol=1e-15)
     corners = torch.tensor([[0.0, 0.0], [6.0, 4.0]])
     assert to_grid_coordinates(corners, 5, 7).tolist() == [[-1.0, -1.0], [1.0, 1.0]]
+
+
+def test_sample_is_grid_sample_where_the_grid_is_finite_and_never_crashes() -> None:
+    """`geometry.sample` gives grid_sample's values and gradients (border padding) for any
+    finite grid, far outside the image included; a NaN coordinate samples NaN and an infinite
+    one the border, forward and backward, where PyTorch's CPU backward segfaulted on NaN."""
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    grid = (torch.rand(2, 5, 7, 2, generator=g, dtype=torch.float64) * 8 - 4).requires_grad_()
+    expected = F.grid_sample(source, grid, padding_mode="border", align_corners=True)
+    got = sample(source, grid)
+    assert torch.equal(got, expected)
+    weights = torch.rand(expected.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((expected * weights).sum(), (source, grid))
+    assert all(torch.equal(a, b) for a, b in zip(
+        grads, torch.autograd.grad((got * weights).sum(), (source, grid)), strict=True))
+
+    bad = grid.detach().clone().requires_grad_()
+    with torch.no_grad():
+        bad[0, 1, 2, 0] = float("nan")
+        bad[1, 3, 4] = float("inf")
+    out = sample(source, bad)
+    assert out[0, :, 1, 2].isnan().all() and out.isnan().sum() == 3  # one pixel, 3 channels
+    border = F.grid_sample(source, torch.ones(1, 1, 1, 2, dtype=torch.float64)[[0, 0]],
+                           padding_mode="border", align_corners=True)
+    assert torch.equal(out[1, :, 3, 4], border[1, :, 0, 0])
+    (out.nan_to_num() * weights).sum().backward()
+    assert torch.isfinite(source.grad).all() and bad.grad[0, 1, 2].eq(0).all()

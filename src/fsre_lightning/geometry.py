@@ -19,6 +19,10 @@ from fsre_lightning.data.layout import KITTI_INTRINSICS
 _Z_EPS = 1e-7
 # Image sizes of one pixel: kornia's guard against dividing by W - 1 = 0.
 _PIXEL_EPS = 1e-14
+# Grid coordinates are clamped to [-_GRID_LIMIT, _GRID_LIMIT]: with border padding every
+# coordinate beyond +-1 samples the border with zero gradient, so the clamp changes nothing
+# but keeps the sampler's index arithmetic finite (see `sample`).
+_GRID_LIMIT = 2.0
 
 
 def disp_to_depth(
@@ -142,8 +146,25 @@ def warp(
             f"source {tuple(source.shape)} and depth {tuple(depth.shape)} differ in size"
         )
     h, w = depth.shape[-2:]
-    grid = project(backproject(depth, inv_K), K, T, h, w)
-    return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return sample(source, project(backproject(depth, inv_K), K, T, h, w))
+
+
+def sample(source: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear `grid_sample` with border padding and align_corners=True that no grid value can
+    crash: a NaN coordinate samples NaN, an infinite one the border (docs/design.md section 6).
+
+    grid_sample computes memory addresses from the coordinates; PyTorch's CPU backward (2.14)
+    segfaults on a NaN one (border and reflection padding), and Inductor's decomposition
+    gathers with indices cast from them. So the kernel only ever sees finite coordinates in
+    [-2, 2] (where the border padding makes the clamp exact, value and gradient), and the
+    samples of NaN coordinates are set to NaN afterwards, so that a diverged depth or pose
+    still shows as a non-finite loss to `model.nonfinite`. Two fused element-wise passes, no
+    host read.
+    """
+    bad = torch.isnan(grid).any(dim=-1).unsqueeze(1)  # B x 1 x H x W
+    safe = torch.nan_to_num(grid, nan=0.0).clamp(-_GRID_LIMIT, _GRID_LIMIT)
+    out = F.grid_sample(source, safe, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.masked_fill(bad, float("nan"))
 
 
 def warp_many(
@@ -169,11 +190,4 @@ def warp_many(
     grid = project(
         points.repeat(n, 1, 1), K.repeat(n, 1, 1), transforms.reshape(n * b, 4, 4), h, w
     )
-    out = F.grid_sample(
-        sources.reshape(n * b, c, h, w),
-        grid,
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=True,
-    )
-    return out.reshape(n, b, c, h, w)
+    return sample(sources.reshape(n * b, c, h, w), grid).reshape(n, b, c, h, w)
