@@ -16,10 +16,12 @@ from typing import Any
 
 import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from fsre_lightning.callbacks import RunCheckpoint
 from fsre_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointMismatchError,
@@ -471,3 +473,60 @@ def test_slurm_is_left_to_lightnings_own_detection(monkeypatch: pytest.MonkeyPat
         else:
             monkeypatch.setenv("SLURM_JOB_ID", job_id)
         assert [type(p) for p in trainer_plugins()] == [AtomicCheckpointIO]
+
+
+# ------------------------------------------------------------ the best across resumes
+class _ScriptedScores(pl.LightningModule):
+    """A one-weight model whose validation 'AbsRel' is scripted by the step it runs at."""
+
+    def __init__(self, scores: Mapping[int, float]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.scores = dict(scores)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.w - 1.0).pow(2).sum()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/abs_rel", self.scores[self.global_step])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_scripted(folder: Path, scores: Mapping[int, float], max_steps: int,
+                  ckpt_path: Path | None = None) -> RunCheckpoint:
+    best = RunCheckpoint(dirpath=folder, filename="best-{step}", monitor="val/abs_rel",
+                         mode="min", save_top_k=1, save_weights_only=True)
+    data = torch.utils.data.DataLoader([torch.zeros(1)] * 8, batch_size=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False,
+                         callbacks=[best], enable_progress_bar=False,
+                         enable_model_summary=False, val_check_interval=1,
+                         limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(_ScriptedScores(scores), data, data,
+                ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.save_checkpoint(folder / "last.ckpt")
+    return best
+
+
+def test_the_best_checkpoint_and_score_survive_a_resume_into_a_new_folder(
+        tmp_path: Path, recwarn: pytest.WarningsRecorder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    first = _fit_scripted(tmp_path / "first", {1: 0.3, 2: 0.1}, max_steps=2)
+    assert first.best_model_score == pytest.approx(0.1)
+    # Resumed into another run folder; both later validations are worse than 0.1.
+    second = _fit_scripted(tmp_path / "second", {3: 0.5, 4: 0.4}, max_steps=4,
+                           ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert second.best_model_score == pytest.approx(0.1)
+    assert second.best_model_path == str(tmp_path / "second" / "best-step=2.ckpt")
+    assert Path(second.best_model_path).is_file()
+    assert (tmp_path / "first" / "best-step=2.ckpt").is_file()  # the old run keeps its own
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    # A best checkpoint that is gone (the checkpoint was copied away from its run): the next
+    # validations rank afresh, with a warning naming the file.
+    (tmp_path / "second" / "best-step=2.ckpt").unlink()
+    (tmp_path / "first" / "best-step=2.ckpt").unlink()
+    third = _fit_scripted(tmp_path / "third", {5: 0.6, 6: 0.45}, max_steps=6,
+                          ckpt_path=tmp_path / "second" / "last.ckpt")
+    assert third.best_model_score == pytest.approx(0.45)
+    assert "best-step=2.ckpt of the resumed run is gone" in caplog.text

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -124,6 +126,62 @@ class StopAtStepBoundary(pl.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class RunCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose best checkpoints survive a resume into a new folder.
+
+    Lightning restores the best score and the top-k files only when the checkpoint folder is
+    the one the state was saved from; a run resumed with `ckpt_path=<file>` writes into a new
+    run folder, so its first validation became the best whatever its score, and the best
+    entry of metrics.json could point into the previous run folder. Here the previous run's
+    top-k files are linked (copied across file systems) into the new folder and the state is
+    restored with them; a top-k file that is gone (a checkpoint copied away from its run) is
+    dropped with a warning, and a better validation writes a new one.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        previous = state_dict.get("dirpath")
+        if previous is None or self.dirpath is None or Path(previous) == Path(self.dirpath):
+            super().load_state_dict(state_dict)
+            return
+        moved: dict[str, str] = {}
+        for old in state_dict.get("best_k_models") or {}:
+            new = Path(self.dirpath) / Path(old).name
+            if _carry_file(Path(old), new):
+                moved[str(old)] = str(new)
+            else:
+                log.warning("the best checkpoint %s of the resumed run is gone: its score is "
+                            "not kept, the next validation ranks afresh", old)
+        best_k = {moved[k]: v for k, v in state_dict["best_k_models"].items() if k in moved} \
+            if state_dict.get("best_k_models") else {}
+        best = moved.get(str(state_dict.get("best_model_path")), "")
+        super().load_state_dict({
+            **state_dict, "dirpath": self.dirpath, "best_k_models": best_k,
+            "best_model_path": best,
+            "best_model_score": state_dict.get("best_model_score") if best else None,
+            "kth_best_model_path": moved.get(str(state_dict.get("kth_best_model_path")), ""),
+            "kth_value": state_dict.get("kth_value") if best_k else self.kth_value,
+            "last_model_path": ""})
+
+
+def _carry_file(source: Path, target: Path) -> bool:
+    """`source` present at `target` (a hard link, else a copy; global rank 0 writes, the other
+    DDP ranks only look); False when the source is gone."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if target.is_file():
+        return True
+    if not source.is_file():
+        return False
+    if rank_zero_only.rank != 0:
+        return True
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return True
 
 
 class CheckpointOnInterrupt(pl.Callback):

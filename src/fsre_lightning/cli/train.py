@@ -58,11 +58,18 @@ from fsre_lightning.runtime import (
     run_or_exit,
 )
 from fsre_lightning.sweep import (
+    RESUME_VALUES,
     close_open_wandb_run,
     effective_batch_split,
     failed_members,
     install_ddp_launcher_fix,
     is_sweep_member,
+    kept_member_value,
+    launch_member,
+    launches_members_here,
+    member_checkpoint,
+    member_context,
+    resume_hint,
     run_member,
 )
 
@@ -111,11 +118,14 @@ def print_wandb_sync_hint(trainer: pl.Trainer) -> None:
 
 def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
     """`ckpt_path` as a file: `last` = the newest last.ckpt of this run name (error if none),
-    `auto` = the same or None (a fresh start), e.g. for a SLURM job that may be requeued."""
+    `auto` = the same or None (a fresh start), e.g. for a SLURM job that may be requeued. In a
+    sweep member, both mean the member folder's own last.ckpt (a sweep resumed in place)."""
     value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
-    if str(value) in ("last", "auto"):
+    if str(value) in RESUME_VALUES and (member_context() is not None or is_sweep_member()):
+        return member_checkpoint(cfg.paths.run_dir, str(value))
+    if str(value) in RESUME_VALUES:
         try:
             return find_last_checkpoint(cfg.paths.output_dir, cfg.name, exclude=cfg.paths.run_dir)
         except FileNotFoundError:
@@ -276,14 +286,12 @@ def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
     except TrainingStopped as err:
         how = "preempted (SIGTERM)" if err.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
         raise PreemptedError(f"{how} at step {err.step}, after its step or validation ended; "
-                             f"resume exactly with ckpt_path={err.path} (or ckpt_path=last "
-                             f"name={cfg.name})", status=128 + err.signum) from err
+                             f"{resume_hint(err.path, cfg.name)}",
+                             status=128 + err.signum) from err
     except SIGTERMException as err:  # before training started: Lightning's own handler
         saved = [cb.path for cb in trainer.callbacks
                  if isinstance(cb, CheckpointOnInterrupt) and cb.path.is_file()]
-        hint = (f"resume with ckpt_path={saved[0]} (or ckpt_path=last name={cfg.name})"
-                if saved else "no checkpoint was written (nothing trained yet, or "
-                "callbacks.checkpoint_on_interrupt is off)")
+        hint = resume_hint(saved[0] if saved else None, cfg.name)
         raise PreemptedError(f"preempted (SIGTERM) at step {trainer.global_step}; {hint}") from err
     # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state.
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -324,8 +332,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         cfg.paths.run_dir = run_dir
     # DDP's other ranks must re-run this job, not the whole --multirun (fsre_lightning.sweep).
     install_ddp_launcher_fix()
-    if is_sweep_member():
+    if launches_members_here():
+        # Each member in a process of its own, whose death the sweep survives.
+        return launch_member("train", cfg, run_dir)
+    if is_sweep_member() or member_context() is not None:
         # A failed member is recorded and the sweep goes on; the value is for the sweeper.
+        kept = kept_member_value(cfg, run_dir) if member_context() is None else None
+        if kept is not None:
+            return kept
         return run_member("train", lambda c: monitored_value(run(c)), cfg, run_dir)
     run_or_exit("train", run, cfg)
     return None
