@@ -15,7 +15,13 @@ from typing import Any
 
 
 class UserError(Exception):
-    """A mistake in the user's config, data or files; the message says what to do."""
+    """A mistake in the user's config, data or files; the message says what to do.
+
+    `exit_status`: what the command exits with after printing the one line (2, as argparse
+    does for a command used wrongly; a subclass for a run that stopped on its own rules sets 1).
+    """
+
+    exit_status = 2
 
 
 class ConfigError(UserError, ValueError):

@@ -29,7 +29,11 @@ class NonFiniteLossError(UserError, RuntimeError):
 
     Raised before the optimiser step, so the weights are those of the last good step; the
     interrupt checkpoint callback does not save on this error (the last good checkpoint stays).
+    One line like every user error, but exit status 1: the run failed on its own rule, the
+    command was not used wrongly (2).
     """
+
+    exit_status = 1
 
 
 def scalar_terms(losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

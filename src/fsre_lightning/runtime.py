@@ -69,7 +69,7 @@ def exit_status(command: str, err: BaseException) -> int | None:
     for an error that is not the user's nor a preemption (a bug: its traceback is due)."""
     if isinstance(err, USER_ERRORS):
         report_error(command, err)
-        return EXIT_USER_ERROR
+        return getattr(err, "exit_status", EXIT_USER_ERROR)
     if isinstance(err, PreemptedError):
         print(f"fsre_lightning.{command}: {err}", file=sys.stderr)
         return err.status
