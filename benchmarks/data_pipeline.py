@@ -56,7 +56,7 @@ from torchvision.transforms import functional as TF
 
 from fsre_lightning.data import KittiDataModule
 from fsre_lightning.data.dataset import collate
-from fsre_lightning.data.layout import read_split, resolve_images
+from fsre_lightning.data.kitti_layout import read_split, resolve_images
 from fsre_lightning.objective import downsample_image
 
 NATIVE = (375, 1242)

@@ -88,11 +88,12 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def make_batch(batch: int, height: int, width: int, device: torch.device) -> dict[str, Any]:
+    from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
     from fsre_lightning.geometry import intrinsics_matrix
 
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(batch, 3, 3, height, width, generator=g)
-    K = intrinsics_matrix(height, width).expand(batch, 4, 4).clone()
+    K = intrinsics_matrix(height, width, KITTI_INTRINSICS).expand(batch, 4, 4).clone()
     labels = torch.randint(0, 19, (batch, height, width), generator=g)
     out = {"frames": frames, "frames_aug": frames, "K": K, "inv_K": torch.linalg.inv(K),
            "labels": labels}
@@ -122,7 +123,7 @@ def _ours(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
     h, w, b = cfg["shape"]
     batch = make_batch(b, h, w, device)
     if cfg["objective"] == "plain":
-        from fsre_lightning.testing.objective import plain_compute_losses
+        from fsre_lightning.testing.plain_objective import plain_compute_losses
 
         def losses() -> torch.Tensor:
             image = batch["frames_aug"][:, 0]

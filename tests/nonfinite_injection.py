@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 import fsre_lightning.objective as objective
 from fsre_lightning.data.dataset import collate
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
 from fsre_lightning.nonfinite import NonFiniteLossError, NonFinitePolicy
@@ -128,7 +129,7 @@ def poison_loss_terms(poison: Poison) -> None:
 
 def batches() -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    K = intrinsics_matrix(H, W)
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS)
     items = []
     for i in range(4):
         frames = torch.rand(3, 3, H, W, generator=g)

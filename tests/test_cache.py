@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from fsre_lightning.data import KittiDataModule
-from fsre_lightning.data import kitti_cache as cache_module
-from fsre_lightning.data.cache import ArrayCache
+from fsre_lightning.data import frame_cache as cache_module
+from fsre_lightning.data.array_store import ArrayCache
 from fsre_lightning.data.decode import decode_rgb, load_image
-from fsre_lightning.data.kitti_cache import build_frame_cache, cache_name
+from fsre_lightning.data.frame_cache import build_frame_cache, cache_name
 from fsre_lightning.errors import DataError
-from fsre_lightning.testing.kitti import DRIVE, expected_train_ids, label_ids_image, make_kitti
+from fsre_lightning.testing.kitti_tree import DRIVE, expected_train_ids, label_ids_image, make_kitti
 
 H, W = 64, 192
 SIZE = (H, W)

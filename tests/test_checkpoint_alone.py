@@ -11,13 +11,19 @@ import pytest
 import timm
 import torch
 
-from fsre_lightning.checkpointing import TRAINING_DATA_KEY, load_checkpoint_weights_only
+from fsre_lightning.checkpoints import TRAINING_DATA_KEY, load_checkpoint_weights_only
 from fsre_lightning.cityscapes import CLASS_NAMES, NUM_CLASSES
-from fsre_lightning.data.layout import KITTI_INTRINSICS
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.errors import ConfigError
-from fsre_lightning.loading import load_module, training_intrinsics, training_resolution
 from fsre_lightning.module import FSREModule
-from fsre_lightning.testing.checkpoints import INTRINSICS, POSE, make_run, network, save_checkpoint
+from fsre_lightning.testing.tiny_checkpoints import (
+    INTRINSICS,
+    POSE,
+    make_run,
+    network,
+    save_checkpoint,
+)
+from fsre_lightning.trained import load_module, training_intrinsics, training_resolution
 
 
 def _alone(ckpt: Path, folder: Path) -> Path:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from fsre_lightning.callbacks import ProgressBar
 from fsre_lightning.data.kitti import collate
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
@@ -40,7 +41,7 @@ def make_batch(b: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     frames = torch.rand(b, 3, 3, H, W, generator=g, dtype=dtype)
     frames[:, 1] = 0.7 * frames[:, 0] + 0.3 * frames[:, 1]
     frames[:, 2] = frames[:, 0].roll(1, dims=-1)
-    K = intrinsics_matrix(H, W).to(dtype).expand(b, 4, 4).clone()
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS).to(dtype).expand(b, 4, 4).clone()
     labels = torch.randint(0, 4, (b, H, W), generator=g)
     labels[:, :4] = 255
     return {"frames": frames, "K": K, "inv_K": torch.linalg.inv(K), "labels": labels}
@@ -173,7 +174,7 @@ class CountPerStep(pl.Callback):
 @pytest.mark.slow
 def test_a_training_step_reads_the_device_once(tmp_path: Any) -> None:
     g = torch.Generator().manual_seed(0)
-    K = intrinsics_matrix(H, W)
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS)
     items = [{"frames": torch.rand(3, 3, H, W, generator=g), "K": K, "inv_K": torch.linalg.inv(K),
               "labels": torch.randint(0, 4, (H, W), generator=g), "index": i, "name": f"x {i} l"}
              for i in range(10)]

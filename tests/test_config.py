@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from fsre_lightning.config import validate_config
+from fsre_lightning.config.schemas import OPTIMIZERS, SCHEDULERS, TrainerConfig
 from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule
 from fsre_lightning.data.synthetic import SyntheticConfig, generate_synthetic_kitti
 from fsre_lightning.data.video_folder import VideoFolderDataConfig, VideoFolderDataModule
@@ -19,7 +20,6 @@ from fsre_lightning.losses import sgt_loss
 from fsre_lightning.models import FSRENetwork, NetworkConfig, PoseNetwork, PoseNetworkConfig
 from fsre_lightning.module import FSREModule, ModelConfig
 from fsre_lightning.objective import LossConfig
-from fsre_lightning.schema import OPTIMIZERS, SCHEDULERS, TrainerConfig
 
 
 @pytest.mark.parametrize(

@@ -275,7 +275,7 @@ def test_train_run_validates_before_any_work(compose: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import hydra
 
-    from fsre_lightning.cli import train
+    from fsre_lightning import train
 
     def no_work(*args: Any, **kwargs: Any) -> None:
         pytest.fail("instantiated something before the config was validated")

@@ -16,7 +16,7 @@ import fsre_lightning.data.kitti as kitti_module
 from fsre_lightning.data import KittiDataModule
 from fsre_lightning.data.dataset import collate, stack
 from fsre_lightning.data.resumable import SeededItems
-from fsre_lightning.testing.kitti import make_kitti
+from fsre_lightning.testing.kitti_tree import make_kitti
 
 
 def test_stack_in_a_worker_writes_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,11 +16,11 @@ import torch
 from kornia.geometry.conversions import rotation_matrix_to_axis_angle
 from PIL import Image
 
-from fsre_lightning.cli import evaluate_pose
+from fsre_lightning import evaluate_pose
 from fsre_lightning.config import validate_config
 from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.models.pose import PoseNetwork
-from fsre_lightning.odometry import (
+from fsre_lightning.scoring.odometry import (
     chain_positions,
     load_sequence,
     read_poses,
@@ -30,7 +30,7 @@ from fsre_lightning.odometry import (
     trajectory_errors,
 )
 from fsre_lightning.testing import compose_config
-from fsre_lightning.testing.checkpoints import make_run
+from fsre_lightning.testing.tiny_checkpoints import make_run
 
 
 # ------------------------------------------------------------------ fabricated trajectories

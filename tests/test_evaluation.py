@@ -14,18 +14,18 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from fsre_lightning.cli.evaluate import run
 from fsre_lightning.data import read_split
 from fsre_lightning.errors import DataError
-from fsre_lightning.evaluation import (
+from fsre_lightning.evaluate import run
+from fsre_lightning.module import FSREModule
+from fsre_lightning.scoring.eigen import (
     EIGEN_KEYS,
     evaluate_eigen,
     format_table_row,
     post_process_disparity,
     ramp_weights,
 )
-from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, garg_crop_box
-from fsre_lightning.module import FSREModule
+from fsre_lightning.scoring.metrics import DEPTH_METRIC_KEYS, DepthMetrics, garg_crop_box
 from fsre_lightning.testing import compose_config
 
 KEYS = {*EIGEN_KEYS, "num_frames", "num_frames_without_gt"}

@@ -16,14 +16,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fsre_lightning import reporting as report
-from fsre_lightning.cli import report as report_cli
-from fsre_lightning.cli.train import apply_effective_batch
+from fsre_lightning import report as report_cli
 from fsre_lightning.config import validate_config
+from fsre_lightning.config.resolvers import run_group
+from fsre_lightning.distributed import per_process_batch, world_size
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.runtime import CONFIG_DIR
-from fsre_lightning.sweep import per_process_batch, run_group, world_size
+from fsre_lightning.sweeps import tables as report
 from fsre_lightning.testing import command_env, compose_config, experiments, run_command
+from fsre_lightning.train import apply_effective_batch
 
 EXPERIMENTS = experiments()
 PAPER_EXPERIMENTS = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin",

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from fsre_lightning.checkpointing import CheckpointMismatchError
-from fsre_lightning.cli.export import run
+from fsre_lightning.checkpoints import CheckpointMismatchError
 from fsre_lightning.errors import ConfigError
-from fsre_lightning.inference.export import sample_input
+from fsre_lightning.export import run
+from fsre_lightning.inference.exporters import sample_input
 from fsre_lightning.inference.model import build_inference_model
-from fsre_lightning.loading import load_module
 from fsre_lightning.testing import compose_config
-from fsre_lightning.testing.checkpoints import make_mismatched, make_run
+from fsre_lightning.testing.tiny_checkpoints import make_mismatched, make_run
+from fsre_lightning.trained import load_module
 
 
 @pytest.fixture(scope="module")

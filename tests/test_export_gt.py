@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fsre_lightning.cli.evaluate import run as evaluate
-from fsre_lightning.cli.export_gt import run
 from fsre_lightning.data import KittiDataModule, load_gt_depths, read_split
 from fsre_lightning.data.annotated import export_annotated_depths, read_annotated_depth
 from fsre_lightning.data.velodyne import export_gt_depths, velodyne_depth
 from fsre_lightning.errors import ConfigError, DataError
-from fsre_lightning.evaluation import EIGEN_KEYS, evaluate_eigen
+from fsre_lightning.evaluate import run as evaluate
+from fsre_lightning.export_gt import run
+from fsre_lightning.scoring.eigen import EIGEN_KEYS, evaluate_eigen
 from fsre_lightning.testing import command_env, compose_config, run_command
-from fsre_lightning.testing.checkpoints import make_run
+from fsre_lightning.testing.tiny_checkpoints import make_run
 
 DATE = "2011_01_01"
 DRIVE = f"{DATE}/{DATE}_drive_0001_sync"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsre_lightning.cli.export_reference import main
-from fsre_lightning.loading import load_module
+from fsre_lightning.export_reference import main
 from fsre_lightning.module import FSREModule
 from fsre_lightning.reference import ReferenceRelease, load_reference_release
-from fsre_lightning.testing.checkpoints import POSE, make_run, network, save_checkpoint
+from fsre_lightning.testing.tiny_checkpoints import POSE, make_run, network, save_checkpoint
+from fsre_lightning.trained import load_module
 
 SIZE = (64, 192)
 CMA_FILES = ["decoder.pth", "encoder.pth", "opt.json", "pose.pth", "pose_encoder.pth"]

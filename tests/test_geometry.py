@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.geometry import (
     backproject,
     disp_to_depth,
@@ -16,12 +17,12 @@ from fsre_lightning.geometry import (
 
 
 def _intrinsics(b: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    K = intrinsics_matrix(h, w).expand(b, 4, 4).clone()
+    K = intrinsics_matrix(h, w, KITTI_INTRINSICS).expand(b, 4, 4).clone()
     return K, torch.linalg.inv(K)
 
 
 def test_intrinsics_follow_kitti_normalised_values_and_flip() -> None:
-    K = intrinsics_matrix(192, 640)
+    K = intrinsics_matrix(192, 640, KITTI_INTRINSICS)
     assert K[0, 0] == pytest.approx(0.58 * 640)
     assert K[1, 1] == pytest.approx(1.92 * 192)
     assert K[0, 2] == pytest.approx(320) and K[1, 2] == pytest.approx(96)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsre_lightning.metrics import (
+from fsre_lightning.scoring.metrics import (
     DEPTH_METRIC_KEYS,
     DepthMetrics,
     SegmentationIoU,

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fsre_lightning import reporting
-from fsre_lightning.checkpointing import AtomicCheckpointIO, CheckpointMismatchError
-from fsre_lightning.cli.train import print_wandb_sync_hint, resolve_ckpt_path
-from fsre_lightning.data.layout import load_gt_depths
+from fsre_lightning.checkpoints import AtomicCheckpointIO, CheckpointMismatchError
+from fsre_lightning.data.kitti_layout import load_gt_depths
 from fsre_lightning.errors import DataError
-from fsre_lightning.loading import training_intrinsics, training_resolution
 from fsre_lightning.models.encoder import build_encoder
+from fsre_lightning.sweeps import tables as reporting
 from fsre_lightning.testing import compose_config
+from fsre_lightning.train import print_wandb_sync_hint, resolve_ckpt_path
+from fsre_lightning.trained import training_intrinsics, training_resolution
 
 
 def _sweep_with_after_metrics_only(root: Path) -> Path:
@@ -109,9 +109,9 @@ def test_unwritable_outputs_stop_before_the_work(tmp_path: Path, capsys, monkeyp
     """An export, an evaluation or a report whose output cannot be written used to run to the
     end and then fail with a traceback (a file where a folder should be: the case that also
     holds for root, who may write anywhere else)."""
-    from fsre_lightning.cli import evaluate, export, report
+    from fsre_lightning import evaluate, export, report
     from fsre_lightning.testing import command_env
-    from fsre_lightning.testing.checkpoints import make_run
+    from fsre_lightning.testing.tiny_checkpoints import make_run
 
     for key, value in command_env(tmp_path).items():
         monkeypatch.setenv(key, value)

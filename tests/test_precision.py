@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
 from fsre_lightning.objective import compute_losses
@@ -45,7 +46,7 @@ def make_batch(b: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(b, 3, 3, H, W, generator=g)
     frames[:, 2] = frames[:, 0].roll(2, dims=-1)
-    K = intrinsics_matrix(H, W).expand(b, 4, 4).clone()
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS).expand(b, 4, 4).clone()
     labels = torch.randint(0, 5, (b, H, W), generator=g)
     return {"frames": frames, "K": K, "inv_K": torch.linalg.inv(K), "labels": labels}
 

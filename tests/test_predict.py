@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fsre_lightning.checkpointing import CheckpointMismatchError
-from fsre_lightning.cli.predict import run
+from fsre_lightning.checkpoints import CheckpointMismatchError
 from fsre_lightning.data.synthetic import render_drive
 from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.inference.scale import camera_height_scale, ground_mask
+from fsre_lightning.predict import run
 from fsre_lightning.testing import compose_config
-from fsre_lightning.testing.checkpoints import make_mismatched, make_run
+from fsre_lightning.testing.tiny_checkpoints import make_mismatched, make_run
 
 # Native frames larger than the network input (64 x 192), so resizing back is visible.
 NATIVE = (80, 240)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from fsre_lightning import pseudolabel as pseudolabel_cli
 from fsre_lightning.cityscapes import LABEL_ID_TO_TRAIN_ID
-from fsre_lightning.cli import pseudolabel as pseudolabel_cli
 from fsre_lightning.data import KittiDataModule
-from fsre_lightning.data import kitti_cache as cache_module
-from fsre_lightning.data import pseudolabels as pseudolabel
+from fsre_lightning.data import frame_cache as cache_module
+from fsre_lightning.data import label_caches as pseudolabel
 from fsre_lightning.errors import DataError
-from fsre_lightning.testing.kitti import DRIVE, expected_train_ids, label_ids_image, make_kitti
+from fsre_lightning.testing.kitti_tree import DRIVE, expected_train_ids, label_ids_image, make_kitti
 
 H, W = 64, 192
 

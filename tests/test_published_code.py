@@ -47,12 +47,13 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.losses import resize_labels, sgt_loss
 from fsre_lightning.module import FSREModule
 from fsre_lightning.objective import downsample_image
 from fsre_lightning.reference import save_reference_release
-from fsre_lightning.testing.checkpoints import POSE, network
+from fsre_lightning.testing.tiny_checkpoints import POSE, network
 
 ENV = "FSRE_PUBLISHED_CODE"
 CHECKOUT = os.environ.get(ENV, "")
@@ -130,7 +131,7 @@ def make_batch() -> dict[str, torch.Tensor]:
     frames = (0.8 * frames + 0.2 * torch.rand(frames.shape, generator=g, dtype=torch.float64))
     frames[:, 1] = 0.7 * frames[:, 0] + 0.3 * frames[:, 1]
     frames[:, 2] = frames[:, 0].roll(2, dims=-1)
-    K = intrinsics_matrix(H, W).to(torch.float64).expand(B, 4, 4).clone()
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS).to(torch.float64).expand(B, 4, 4).clone()
     # Void-free labels (row 3) in 8 x 8 blocks of four classes: boundary and interior patches
     # at every SGT scale.
     blocks = torch.randint(0, 4, (B, 1, H // 8, W // 8), generator=g).double()

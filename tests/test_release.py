@@ -20,11 +20,10 @@ import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 
-from fsre_lightning.checkpointing import CheckpointMismatchError
-from fsre_lightning.cli.import_reference import main as import_main
+from fsre_lightning.checkpoints import CheckpointMismatchError
 from fsre_lightning.config import validate_config
 from fsre_lightning.errors import ConfigError
-from fsre_lightning.loading import load_initial_weights
+from fsre_lightning.import_reference import main as import_main
 from fsre_lightning.models import FSRENetwork, PoseNetwork
 from fsre_lightning.module import FSREModule
 from fsre_lightning.reference import (
@@ -34,6 +33,7 @@ from fsre_lightning.reference import (
 )
 from fsre_lightning.runtime import CONFIG_DIR
 from fsre_lightning.testing import compose_config
+from fsre_lightning.trained import load_initial_weights
 
 SIZE = (64, 192)
 CH = (16, 32, 64, 128, 256)
@@ -422,7 +422,7 @@ def test_import_then_evaluate_end_to_end(tmp_path: Path, cma_release, images, ca
     assert max_diff(outputs(depth, pose, *images), outputs(module.net, module.pose_net, *images)
                     ) == 0.0
 
-    from fsre_lightning.cli.evaluate import run
+    from fsre_lightning.evaluate import run
 
     base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
             f"paths.output_dir={tmp_path / 'outputs'}", *TINY_DATA]
@@ -488,7 +488,7 @@ def test_train_fine_tunes_from_an_imported_release(tmp_path: Path, cma_release) 
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
     # another architecture fails before training, naming the settings to change
-    from fsre_lightning.cli.train import run
+    from fsre_lightning.train import run
 
     overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
                  f"paths.output_dir={tmp_path / 'outputs'}", f"paths.run_dir={tmp_path / 'bad'}",

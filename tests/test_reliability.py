@@ -20,12 +20,13 @@ import fsre_lightning.module as module_mod
 from fsre_lightning.callbacks import CheckpointOnInterrupt
 from fsre_lightning.data import KittiDataModule
 from fsre_lightning.data.dataset import SkippedSample, collate
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
 from fsre_lightning.nonfinite import NonFiniteLossError
 from fsre_lightning.testing import optimiser_configs
-from fsre_lightning.testing.kitti import DRIVE, make_kitti
+from fsre_lightning.testing.kitti_tree import DRIVE, make_kitti
 
 H, W = 64, 128
 NET = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet10t",
@@ -137,7 +138,7 @@ def test_collate_drops_skipped_samples() -> None:
 # ------------------------------------------------------------------------ non-finite losses
 def batches(n: int = 4) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    K = intrinsics_matrix(H, W)
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS)
     items = [{"frames": torch.rand(3, 3, H, W, generator=g), "K": K,
               "inv_K": torch.linalg.inv(K), "index": i, "name": f"{DRIVE} {i} l"}
              for i in range(2 * n)]
@@ -214,7 +215,7 @@ def test_nonfinite_stop_names_term_and_frames_and_keeps_last_good_checkpoint(
 
 
 def test_cache_bad_rows_survive_an_interrupted_build(tmp_path: Path) -> None:
-    from fsre_lightning.data.cache import ArrayCache
+    from fsre_lightning.data.array_store import ArrayCache
 
     keys = [f"k{i}" for i in range(6)]
     calls: list[list[int]] = []

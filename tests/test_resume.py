@@ -22,16 +22,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fsre_lightning.callbacks import RunCheckpoint
-from fsre_lightning.checkpointing import (
+from fsre_lightning.checkpoints import (
     AtomicCheckpointIO,
     CheckpointMismatchError,
     check_state_dict_compatible,
     find_last_checkpoint,
 )
-from fsre_lightning.cli.train import resolve_ckpt_path
 from fsre_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from fsre_lightning.module import FSREModule
 from fsre_lightning.runtime import CONFIG_DIR, PREEMPTED_EXIT_CODE
+from fsre_lightning.train import resolve_ckpt_path
 
 # The tiny synthetic world of test_train_cli, the Monodepth2 baseline (the cheapest model; the
 # resume machinery does not depend on it), flips and colour jitter on (the data defaults),
@@ -465,7 +465,7 @@ def test_per_sample_draws_are_distinct_and_independent_of_workers() -> None:
 def test_slurm_is_left_to_lightnings_own_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     """No forced SLURMEnvironment: Lightning picks it for batch jobs (auto-requeue on SIGUSR1
     included) and leaves interactive allocations alone, where a forced one breaks."""
-    from fsre_lightning.cli.train import trainer_plugins
+    from fsre_lightning.train import trainer_plugins
 
     for job_id in (None, "123"):
         if job_id is None:

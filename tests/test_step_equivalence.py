@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from fsre_lightning import module as module_mod
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.geometry import intrinsics_matrix, warp, warp_many
 from fsre_lightning.losses import photometric_loss, photometric_losses, ssim_target_stats
 from fsre_lightning.models.cma import CrossTaskAttention
 from fsre_lightning.module import FSREModule
 from fsre_lightning.objective import compute_losses
-from fsre_lightning.testing.objective import plain_compute_losses
+from fsre_lightning.testing.plain_objective import plain_compute_losses
 
 H, W = 64, 64
 FULL = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
@@ -39,7 +40,7 @@ def make_batch(b: int = 2) -> dict:
     # A smooth shift between frames, so warps and the auto-mask are not degenerate.
     frames[:, 1] = 0.7 * frames[:, 0] + 0.3 * frames[:, 1]
     frames[:, 2] = frames[:, 0].roll(1, dims=-1)
-    K = intrinsics_matrix(H, W).to(torch.float64).expand(b, 4, 4).clone()
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS).to(torch.float64).expand(b, 4, 4).clone()
     labels = torch.randint(0, 4, (b, H, W), generator=g)
     labels[:, :4] = 255
     return {"frames": frames, "frames_aug": frames, "K": K, "inv_K": torch.linalg.inv(K),
@@ -108,7 +109,7 @@ def test_batched_warp_and_photometric_equal_the_single_calls() -> None:
     target = torch.rand(b, 3, 8, 12, generator=g, dtype=torch.float64)
     sources = torch.rand(2, b, 3, 8, 12, generator=g, dtype=torch.float64)
     depth = 1 + torch.rand(b, 1, 8, 12, generator=g, dtype=torch.float64)
-    K = intrinsics_matrix(8, 12).to(torch.float64).expand(b, 4, 4).clone()
+    K = intrinsics_matrix(8, 12, KITTI_INTRINSICS).to(torch.float64).expand(b, 4, 4).clone()
     T = torch.eye(4, dtype=torch.float64).repeat(2, b, 1, 1)
     T[..., 0, 3] = torch.tensor([[0.1, -0.05], [0.02, 0.2]], dtype=torch.float64)
     warped = warp_many(sources, depth, T, K, torch.linalg.inv(K))

@@ -23,16 +23,17 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from fsre_lightning import reporting, sweep
-from fsre_lightning.cli import train
+from fsre_lightning import train
+from fsre_lightning.config.preflight import missing_plugin, search_space_members
 from fsre_lightning.errors import ConfigError
-from fsre_lightning.preflight import missing_plugin, search_space_members
 from fsre_lightning.runtime import (
     CONFIG_DIR,
     EXIT_SWEEP_FAILED,
     PREEMPTED_EXIT_CODE,
     PreemptedError,
 )
+from fsre_lightning.sweeps import members as sweep
+from fsre_lightning.sweeps import tables as reporting
 from fsre_lightning.testing import (
     EXPERIMENT_PLUGINS,
     TINY_SYNTHETIC,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.data.synthetic import (
     CAMERA_HEIGHT,
     DATE,
@@ -30,7 +31,8 @@ def frames():
 
 
 def test_intrinsics_match_geometry(frames):
-    np.testing.assert_allclose(frames[0].K, intrinsics_matrix(H, W).double().numpy())
+    expected = intrinsics_matrix(H, W, KITTI_INTRINSICS).double().numpy()
+    np.testing.assert_allclose(frames[0].K, expected)
 
 
 def test_road_depth_matches_flat_ground_formula(frames):

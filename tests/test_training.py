@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
@@ -29,7 +30,7 @@ VARIANTS = {
 def make_batch(b: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     frames = torch.rand(b, 3, 3, H, W, generator=g)
-    K = intrinsics_matrix(H, W).expand(b, 4, 4).clone()
+    K = intrinsics_matrix(H, W, KITTI_INTRINSICS).expand(b, 4, 4).clone()
     labels = torch.randint(0, 19, (b, H, W), generator=g)
     labels[:, :4] = 255
     return {"frames": frames, "frames_aug": frames, "K": K, "inv_K": torch.linalg.inv(K),

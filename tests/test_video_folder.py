@@ -13,15 +13,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from fsre_lightning.cli.train import run
 from fsre_lightning.config import validate_config
-from fsre_lightning.data.layout import read_split
+from fsre_lightning.data.kitti_layout import read_split
 from fsre_lightning.data.synthetic import render_drive
 from fsre_lightning.data.video_folder import VideoFolderDataModule, split_lines
 from fsre_lightning.errors import ConfigError, DataError
-from fsre_lightning.loading import training_intrinsics
 from fsre_lightning.runtime import CONFIG_DIR
 from fsre_lightning.testing import compose_config
+from fsre_lightning.train import run
+from fsre_lightning.trained import training_intrinsics
 
 H, W = 64, 192
 
@@ -129,7 +129,7 @@ class _StubSegFormer(torch.nn.Module):
 @pytest.mark.slow
 def test_video_folder_config_trains_two_steps(tmp_path: Path, monkeypatch) -> None:
     root = write_sequences(tmp_path / "videos", {"a": 6, "b": 6})
-    from fsre_lightning.data import pseudolabels as pseudolabel
+    from fsre_lightning.data import label_caches as pseudolabel
 
     # The data module runs `pseudolabel predict`; only the SegFormer weights are stubbed.
     monkeypatch.setattr(pseudolabel, "load_segformer",

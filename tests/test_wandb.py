@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fsre_lightning.checkpointing import WANDB_RUN_KEY, load_checkpoint_weights_only
-from fsre_lightning.cli.train import continue_wandb_run
+from fsre_lightning.checkpoints import WANDB_RUN_KEY, load_checkpoint_weights_only
 from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+from fsre_lightning.train import continue_wandb_run
 
 
 @pytest.mark.parametrize("env", [None, "disabled", "online", "offline"])

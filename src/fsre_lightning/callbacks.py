@@ -15,8 +15,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from fsre_lightning.config.checks import check_int
 from fsre_lightning.nonfinite import NonFiniteLossError
-from fsre_lightning.rules import check_int
 
 log = logging.getLogger(__name__)
 

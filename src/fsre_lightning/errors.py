@@ -57,9 +57,3 @@ def first_line(err: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(err).__name__
-
-
-def require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise ConfigError(key, value, allowed) unless `ok`: the form every range rule takes."""
-    if not ok:
-        raise ConfigError(key, value, allowed)

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from kornia.geometry import create_meshgrid
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
-from fsre_lightning.data.layout import KITTI_INTRINSICS
-
 # z below this is treated as on the camera plane, so projection never divides by zero.
 _Z_EPS = 1e-7
 # Image sizes of one pixel: kornia's guard against dividing by W - 1 = 0.
@@ -38,10 +36,11 @@ def disp_to_depth(
 def intrinsics_matrix(
     height: int,
     width: int,
-    normalized: tuple[float, float, float, float] = KITTI_INTRINSICS,
+    normalized: tuple[float, float, float, float],
     flip: bool = False,
 ) -> torch.Tensor:
-    """4 x 4 pixel intrinsics from normalised (fx, fy, cx, cy) at one resolution.
+    """4 x 4 pixel intrinsics from normalised (fx, fy, cx, cy) at one resolution (KITTI's are
+    `data.kitti_layout.KITTI_INTRINSICS`).
 
     A horizontal flip mirrors the principal point (cx -> 1 - cx).
     """

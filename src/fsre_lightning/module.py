@@ -17,16 +17,16 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fsre_lightning.checkpointing import check_state_dict_compatible, describe_training
+from fsre_lightning.checkpoints import check_state_dict_compatible, describe_training
+from fsre_lightning.config.checks import check_choice, check_int
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import disp_to_depth
 from fsre_lightning.losses import photometric_losses
-from fsre_lightning.metrics import REPORTED_METRICS, DepthMetrics, SegmentationIoU
 from fsre_lightning.models.fsre import NetworkConfig
 from fsre_lightning.models.pose import PoseNetworkConfig
 from fsre_lightning.nonfinite import NonFinitePolicy, nonfinite_terms, scalar_terms
 from fsre_lightning.objective import LossConfig, compute_losses
-from fsre_lightning.rules import check_choice, check_int
+from fsre_lightning.scoring.metrics import REPORTED_METRICS, DepthMetrics, SegmentationIoU
 from fsre_lightning.visualize import (
     colorize_disparity,
     colorize_error,
@@ -40,7 +40,7 @@ from fsre_lightning.visualize import (
 class ModelConfig:
     """The `model` group: FSREModule's arguments (the `loss` group and the data's evaluation
     settings are passed in by the entry point). The optimiser and scheduler are `_partial_`
-    targets with schemas of their own (`fsre_lightning.schema`)."""
+    targets with schemas of their own (`fsre_lightning.config.schemas`)."""
 
     _target_: str = "fsre_lightning.module.FSREModule"
     network: NetworkConfig

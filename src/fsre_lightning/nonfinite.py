@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fsre_lightning.config.checks import check_choice, check_int
 from fsre_lightning.errors import UserError
-from fsre_lightning.rules import check_choice, check_int
 
 log = logging.getLogger(__name__)
 

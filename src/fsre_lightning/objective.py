@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fsre_lightning.config.checks import check_choice, check_number, require
 from fsre_lightning.geometry import disp_to_depth, warp_many
 from fsre_lightning.losses import (
     min_reprojection_loss,
@@ -34,7 +35,6 @@ from fsre_lightning.losses.photometric import check_alpha
 from fsre_lightning.losses.sgt import BORDERS as SGT_BORDERS
 from fsre_lightning.losses.sgt import check_sgt_options
 from fsre_lightning.models.decoder import check_scales
-from fsre_lightning.rules import check_choice, check_number, require
 
 SCALE_WEIGHTINGS = ("reference", "monodepth2")
 

@@ -1,6 +1,6 @@
 """What every command shares: the config folder, the exit-code policy, preemption, devices.
 
-The commands (`fsre_lightning.cli`) call into the library; this module is the library side of
+The commands (`COMMANDS`) call into the library; this module is the library side of
 running one: a `UserError` (or a missing file) ends a command with one line on stderr,
 ``fsre_lightning.<command>: error: <message>``, and exit status 2 (argparse's status for a
 bad command line, so every command fails alike); a run stopped by SIGTERM exits with 143, as
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fsre_lightning.errors import ConfigError, UserError, first_line
@@ -33,6 +31,12 @@ from fsre_lightning.errors import ConfigError, UserError, first_line
 # FSRE_CONFIG_DIR.
 CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().parent / "conf"))
 
+# The commands, each a module of the package (`python -m fsre_lightning.<command>`) with
+# `main(argv=None) -> int` and a console script (`fsre-<command>`, pyproject.toml); the Hydra
+# ones are built by `hydra_entry.hydra_command`. No library module imports a command.
+COMMANDS = ("train", "evaluate", "evaluate_pose", "predict", "export", "export_gt",
+            "import_reference", "export_reference", "pseudolabel", "report")
+
 EXIT_USER_ERROR = 2
 # Exit status of a sweep that finished with failed members (each recorded in its folder).
 EXIT_SWEEP_FAILED = 1
@@ -41,13 +45,6 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 # Mistakes in the user's config or data: reported as one clear line, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError)
-
-
-# `${fsre_run_id:}`: a random tag after the start time in run and sweep folder names, so two
-# runs started in the same second (a job array, two terminals) never share a folder. Cached per
-# config, and Hydra copies that cache to every member of a sweep: one config, one tag.
-OmegaConf.register_new_resolver("fsre_run_id", lambda: secrets.token_hex(3), use_cache=True,
-                                replace=True)
 
 
 class PreemptedError(Exception):

@@ -1,12 +1,14 @@
 """Data: the KITTI-layout DataModule, its files, caches and datasets, the synthetic scenes.
 
-Modules, from the bottom up: `layout` (where KITTI files lie; numpy and pathlib only),
-`decode` (files to arrays), `cache` and `kitti_cache` (decoded-once memory-mapped splits),
-`dataset` (one split's samples), `augment`, `resumable` (exact mid-epoch resume), `kitti`
-(the DataModule), `synthetic` (the built-in scenes), `velodyne` and `annotated` (ground truth:
-projected scans, KITTI's annotated maps), `video_folder` (your own footage) and `pseudolabels`.
+Modules, from the bottom up: `kitti_layout` (where KITTI files lie; numpy and pathlib only),
+`decode` (files to arrays), `array_store` and `frame_cache` (decoded-once memory-mapped
+splits), `dataset` (one split's samples), `augment`, `resumable` (exact mid-epoch resume),
+`kitti` (the DataModule), `textures` and `scenes` (the procedural scenes), `synthetic` (them in
+the KITTI layout), `velodyne` and `annotated` (ground truth: projected scans, KITTI's annotated
+maps), `video_folder` (your own footage) and `label_caches` (pseudo-labels imported or
+predicted).
 
-The names below are imported on first use, so that `fsre_lightning.data.layout` (which the
+The names below are imported on first use, so that `fsre_lightning.data.kitti_layout` (which the
 scene generator's worker processes import) stays as light as it is.
 """
 
@@ -21,10 +23,10 @@ _EXPORTS = {
     "KittiDataset": "dataset",
     "VideoFolderDataModule": "video_folder",
     "generate_synthetic_kitti": "synthetic",
-    "SplitEntry": "layout",
-    "read_split": "layout",
-    "load_gt_depths": "layout",
-    "save_gt_depths": "layout",
+    "SplitEntry": "kitti_layout",
+    "read_split": "kitti_layout",
+    "load_gt_depths": "kitti_layout",
+    "save_gt_depths": "kitti_layout",
     "velodyne_depth": "velodyne",
 }
 

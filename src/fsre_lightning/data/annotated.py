@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from rich.progress import track
 
-from fsre_lightning.data.layout import (
+from fsre_lightning.data.kitti_layout import (
     ANNOTATED_SPLIT,
     ANNOTATED_SUBSETS,
     SplitEntry,

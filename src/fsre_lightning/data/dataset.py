@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from fsre_lightning.data.decode import load_image, load_label, rgb_to_tensor
-from fsre_lightning.data.kitti_cache import CachedRows
-from fsre_lightning.data.layout import KITTI_INTRINSICS, SplitEntry
+from fsre_lightning.data.frame_cache import CachedRows
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS, SplitEntry
 from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import intrinsics_matrix
 

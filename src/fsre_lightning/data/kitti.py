@@ -15,9 +15,9 @@ Batch layout (what FSREModule reads; docs/design.md section 4.1):
   (``on_error=skip``), and ``num_skipped``: samples dropped so far in this run (both only
   when some were; a batch of only unreadable samples has no ``frames``).
 
-Files: the KITTI raw layout of `fsre_lightning.data.layout`. Input pipeline: with
+Files: the KITTI raw layout of `fsre_lightning.data.kitti_layout`. Input pipeline: with
 ``frame_cache`` the train and val splits are decoded and resized once into memory-mapped uint8
-caches (`fsre_lightning.data.kitti_cache`); a sample is then a few row reads with no image
+caches (`fsre_lightning.data.frame_cache`); a sample is then a few row reads with no image
 decoding, and identical to the uncached path's. label_source=predicted reads the cache written
 by ``python -m fsre_lightning.pseudolabel predict``. The test split is never cached (it is read
 once per evaluation).
@@ -37,15 +37,23 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from fsre_lightning.config.checks import (
+    arguments,
+    check_choice,
+    check_int,
+    check_number,
+    check_path,
+    require,
+)
 from fsre_lightning.data.augment import FrameConsistentColorJitter
 from fsre_lightning.data.dataset import KittiDataset, collate
-from fsre_lightning.data.kitti_cache import (
+from fsre_lightning.data.frame_cache import (
     CachedRows,
     frame_cache_rows,
     label_cache_rows,
     predicted_label_rows,
 )
-from fsre_lightning.data.layout import (
+from fsre_lightning.data.kitti_layout import (
     GT_FILE_NAMES,
     IMAGE_EXTENSIONS,
     KITTI_INTRINSICS,
@@ -68,16 +76,8 @@ from fsre_lightning.data.resumable import (
 )
 from fsre_lightning.data.synthetic import SyntheticConfig, generate_synthetic_kitti
 from fsre_lightning.errors import DataError
-from fsre_lightning.metrics import EVAL_CROPS
 from fsre_lightning.models.encoder import check_image_size
-from fsre_lightning.rules import (
-    arguments,
-    check_choice,
-    check_int,
-    check_number,
-    check_path,
-    require,
-)
+from fsre_lightning.scoring.metrics import EVAL_CROPS
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fsre_lightning.cityscapes import SKY
-from fsre_lightning.data.layout import KITTI_INTRINSICS
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.data.textures import (
     CAMERA_HEIGHT,
     GROUND_Y,

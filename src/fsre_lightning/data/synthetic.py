@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fsre_lightning.data.layout import (
+from fsre_lightning.config.checks import check_int
+from fsre_lightning.data.kitti_layout import (
     GT_FILE_NAMES,
     SplitEntry,
     camera_folder,
@@ -40,7 +41,6 @@ from fsre_lightning.data.layout import (
 )
 from fsre_lightning.data.scenes import CAMERA_HEIGHT, Frame, render_drive
 from fsre_lightning.errors import DataError
-from fsre_lightning.rules import check_int
 
 __all__ = ["CAMERA_HEIGHT", "DATE", "SPLIT_NAME", "Frame", "SyntheticConfig",
            "generate_synthetic_kitti", "read_poses", "render_drive"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from fsre_lightning.data.layout import (
+from fsre_lightning.data.kitti_layout import (
     CALIB_FILES,
     SIDE_TO_CAMERA,
     check_scans,

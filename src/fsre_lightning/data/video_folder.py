@@ -39,13 +39,13 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from fsre_lightning import rules
-from fsre_lightning.data import pseudolabels
-from fsre_lightning.data.cache import ArrayCache, CacheError
+import fsre_lightning.config.checks as checks
+from fsre_lightning.data import label_caches
+from fsre_lightning.data.array_store import ArrayCache, CacheError
 from fsre_lightning.data.dataset import KittiDataset
+from fsre_lightning.data.frame_cache import cache_name
 from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule
-from fsre_lightning.data.kitti_cache import cache_name
-from fsre_lightning.data.layout import IMAGE_EXTENSIONS, camera_folder
+from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS, camera_folder
 from fsre_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def layout_name(sequence: str) -> str:
 def normalise_intrinsics(intrinsics: Sequence[float], units: str,
                          sequences: dict[str, list[Path]]) -> tuple[float, float, float, float]:
     """(fx, fy, cx, cy) normalised by the native frame size (pixels: divided by it)."""
-    rules.check_choice("intrinsics_units", units, INTRINSICS_UNITS)
+    checks.check_choice("intrinsics_units", units, INTRINSICS_UNITS)
     fx, fy, cx, cy = (float(v) for v in intrinsics)
     if units == "normalized":
         return fx, fy, cx, cy
@@ -177,22 +177,22 @@ class VideoFolderDataConfig(KittiDataConfig):
     pseudo_label_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        rules.require(self.root is not None, "root", self.root,
+        checks.require(self.root is not None, "root", self.root,
                       "required with data=video_folder: the folder with one subfolder of "
                       "frames per sequence")
-        rules.require(self.intrinsics is not None, "intrinsics", self.intrinsics,
+        checks.require(self.intrinsics is not None, "intrinsics", self.intrinsics,
                       "required with data=video_folder: your camera's [fx, fy, cx, cy], "
                       "normalised or in pixels (data.intrinsics_units=pixels)")
         super().__post_init__()
-        rules.check_path("work_dir", self.work_dir)
-        rules.check_choice("intrinsics_units", self.intrinsics_units, INTRINSICS_UNITS)
-        rules.check_number("val_fraction", self.val_fraction, lo=0, strict=True,
+        checks.check_path("work_dir", self.work_dir)
+        checks.check_choice("intrinsics_units", self.intrinsics_units, INTRINSICS_UNITS)
+        checks.check_number("val_fraction", self.val_fraction, lo=0, strict=True,
                            what="a number in (0, 1): some frames must train")
-        rules.require(self.val_fraction < 1, "val_fraction", self.val_fraction,
+        checks.require(self.val_fraction < 1, "val_fraction", self.val_fraction,
                       "a number in (0, 1): some frames must train")
-        rules.check_int("split_seed", self.split_seed)
-        rules.check_path("pseudo_label_model", self.pseudo_label_model, nullable=True)
-        rules.check_int("pseudo_label_batch_size", self.pseudo_label_batch_size, lo=1)
+        checks.check_int("split_seed", self.split_seed)
+        checks.check_path("pseudo_label_model", self.pseudo_label_model, nullable=True)
+        checks.check_int("pseudo_label_batch_size", self.pseudo_label_batch_size, lo=1)
 
 
 class VideoFolderDataModule(KittiDataModule):
@@ -217,7 +217,7 @@ class VideoFolderDataModule(KittiDataModule):
                  pseudo_label_device: str = "auto",
                  pseudo_label_batch_size: int = 8,
                  **kwargs: Any) -> None:
-        VideoFolderDataConfig(**rules.arguments(locals()), **rules.arguments(kwargs))
+        VideoFolderDataConfig(**checks.arguments(locals()), **checks.arguments(kwargs))
         assert root is not None and intrinsics is not None  # the rules above say so
         self.source_root = Path(root)
         # One work dir per source folder: two data sets never overwrite each other's layout.
@@ -268,13 +268,13 @@ class VideoFolderDataModule(KittiDataModule):
         caches are kept as they are; an interrupted run resumes)."""
         for split in ("train", "val"):
             try:
-                pseudolabels.predict_labels(
+                label_caches.predict_labels(
                     self.root, self.split_dir / f"{self.splits[split]}_files.txt",
                     self.cache_dir, (self.height, self.width), str(self.pseudo_label_model),
                     device=self.pseudo_label_device, batch_size=self.pseudo_label_batch_size,
                     # SegFormer sees more detail at twice the depth network's input size.
                     infer_size=(2 * self.height, 2 * self.width), img_ext=self.img_ext,
-                    workers=self.cache_workers, load_model=pseudolabels.load_segformer)
+                    workers=self.cache_workers, load_model=label_caches.load_segformer)
             except ImportError as err:  # transformers missing: the seg extra
                 raise DataError(f"data.pseudo_label_model: {err}") from err
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fsre_lightning.rules import check_number
+from fsre_lightning.config.checks import check_number
 
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2

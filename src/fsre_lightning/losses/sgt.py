@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fsre_lightning.cityscapes import VOID
+from fsre_lightning.config.checks import is_number, require
 from fsre_lightning.losses.segmentation import _check_integer_labels
-from fsre_lightning.rules import is_number, require
 
 # Lower bound inside the square root: keeps the distance differentiable at 0.
 DIST_EPS = 1e-9

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsre_lightning.config.checks import is_int, require
 from fsre_lightning.models.layers import ConvBlock, conv3x3
-from fsre_lightning.rules import is_int, require
 
 DECODER_CHANNELS = (16, 32, 64, 128, 256)
 NUM_SCALES = len(DECODER_CHANNELS)

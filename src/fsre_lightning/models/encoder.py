@@ -42,8 +42,8 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+from fsre_lightning.config.checks import check_choice, is_int, require
 from fsre_lightning.errors import DataError, UserError, first_line
-from fsre_lightning.rules import check_choice, is_int, require
 
 _logger = logging.getLogger(__name__)
 

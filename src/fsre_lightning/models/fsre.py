@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsre_lightning import rules
+import fsre_lightning.config.checks as checks
 from fsre_lightning.cityscapes import NUM_CLASSES
 from fsre_lightning.models.cma import ATTENTION_SCALES, CrossTaskAttention
 from fsre_lightning.models.decoder import (
@@ -60,20 +60,20 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         check_encoder("encoder", self.encoder)
         check_pretrained("pretrained", self.pretrained)
-        rules.check_path("weights_path", self.weights_path, nullable=True)
-        rules.check_int("num_classes", self.num_classes, lo=1)
+        checks.check_path("weights_path", self.weights_path, nullable=True)
+        checks.check_int("num_classes", self.num_classes, lo=1)
         check_scales("disp_scales", self.disp_scales, allow_empty=False)
         check_scales("cma_scales", self.cma_scales)
-        rules.check_int("num_heads", self.num_heads, lo=1,
+        checks.check_int("num_heads", self.num_heads, lo=1,
                         what="H, the number of embeddings, must be an integer >= 1")
-        rules.check_number("head_ratio", self.head_ratio, lo=0, strict=True)
+        checks.check_number("head_ratio", self.head_ratio, lo=0, strict=True)
         targets = list(self.cma_targets) if isinstance(self.cma_targets, list | tuple) else None
-        rules.require(targets is not None and bool(targets)
+        checks.require(targets is not None and bool(targets)
                       and set(targets) <= set(CMA_TARGETS) and len(set(targets)) == len(targets),
                       "cma_targets", self.cma_targets,
                       f"a non-empty subset of {list(CMA_TARGETS)}")
-        rules.check_choice("attention_scale", self.attention_scale, ATTENTION_SCALES)
-        rules.require(self.segmentation or not self.cma_scales, "cma_scales", self.cma_scales,
+        checks.check_choice("attention_scale", self.attention_scale, ATTENTION_SCALES)
+        checks.require(self.segmentation or not self.cma_scales, "cma_scales", self.cma_scales,
                       "CMA needs the segmentation decoder: use [] with segmentation=false")
 
 
@@ -128,7 +128,7 @@ class FSRENetwork(nn.Module):
         weights_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        NetworkConfig(**rules.arguments(locals()))
+        NetworkConfig(**checks.arguments(locals()))
         disp, cma, targets = tuple(disp_scales), tuple(cma_scales), tuple(cma_targets)
         self.disp_scales = tuple(sorted(disp))
         self.cma_scales = tuple(sorted(cma, reverse=True))

@@ -6,14 +6,14 @@ Lightning checkpoint. The attention-scale conversion between the paper's and the
 CMA scaling (`keys.query_factor`, `keys.rescale_queries`) is the one checkpoint loading uses too.
 """
 
-from fsre_lightning.reference.checkpoint import (
+from fsre_lightning.reference.convert import (
     describe,
     release_checkpoint,
     release_module,
     write_checkpoint,
 )
-from fsre_lightning.reference.layout import ReleaseFormatError, ReleaseLayout
 from fsre_lightning.reference.load import ReferenceRelease, load_reference_release
+from fsre_lightning.reference.release_layout import ReleaseFormatError, ReleaseLayout
 from fsre_lightning.reference.save import save_reference_release
 
 __all__ = [

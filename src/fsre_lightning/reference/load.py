@@ -30,7 +30,7 @@ from fsre_lightning.reference.keys import (
     query_factor,
     rescale_queries,
 )
-from fsre_lightning.reference.layout import (
+from fsre_lightning.reference.release_layout import (
     MAX_KEYS_SHOWN,
     ReleaseFormatError,
     ReleaseLayout,

@@ -31,7 +31,7 @@ from fsre_lightning.reference.keys import (
     query_factor,
     rescale_queries,
 )
-from fsre_lightning.reference.layout import ReleaseFormatError, resnet_depth
+from fsre_lightning.reference.release_layout import ReleaseFormatError, resnet_depth
 
 
 def _check_writable(net: FSRENetwork) -> None:

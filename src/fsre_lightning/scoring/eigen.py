@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from fsre_lightning.data.decode import load_image, load_label
-from fsre_lightning.data.layout import IMAGE_EXTENSIONS
+from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS
 from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import disp_to_depth
-from fsre_lightning.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
+from fsre_lightning.scoring.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
 
 if TYPE_CHECKING:  # the module and the data module only pass through here
     from fsre_lightning.data.kitti import KittiDataModule

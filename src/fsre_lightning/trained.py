@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from fsre_lightning.checkpointing import (
+from fsre_lightning.checkpoints import (
     INPUT_SIZE_KEY,
     TRAINING_DATA_KEY,
     CheckpointMismatchError,
     check_state_dict_compatible,
     load_checkpoint_weights_only,
 )
-from fsre_lightning.data.layout import KITTI_INTRINSICS
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.data.video_folder import normalise_intrinsics, scan_sequences
 from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.models.encoder import check_image_size
@@ -43,8 +43,8 @@ from fsre_lightning.reference.keys import (
     query_factor,
     rescale_queries,
 )
-from fsre_lightning.reference.layout import ReleaseFormatError
 from fsre_lightning.reference.load import load_reference_release
+from fsre_lightning.reference.release_layout import ReleaseFormatError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ neighbours), uint8 H x W x 3, one row per distinct frame; ``labels_files_<split>
 holds the label PNGs as train ids (255 void) and ``labels_predicted_<split>_<H>x<W>`` the
 labels `pseudolabel predict` made. A sample is then a few row reads (`CachedRows`). The rows
 are built by the same decoders as the uncached path (`fsre_lightning.data.decode`), so both
-paths give identical batches; the storage itself is `fsre_lightning.data.cache`.
+paths give identical batches; the storage itself is `fsre_lightning.data.array_store`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import TypeVar
 import numpy as np
 
 from fsre_lightning.cityscapes import VOID
-from fsre_lightning.data.cache import ArrayCache, CachedArray, CacheError, file_signature
+from fsre_lightning.config.checks import check_choice
+from fsre_lightning.data.array_store import ArrayCache, CachedArray, CacheError, file_signature
 from fsre_lightning.data.decode import decode_label, decode_rgb
-from fsre_lightning.data.layout import LABEL_FORMATS, SplitEntry, missing_error
+from fsre_lightning.data.kitti_layout import LABEL_FORMATS, SplitEntry, missing_error
 from fsre_lightning.errors import DataError
-from fsre_lightning.rules import check_choice
 
 
 def cache_name(kind: str, split_name: str, height: int, width: int) -> str:

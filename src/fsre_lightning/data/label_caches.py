@@ -1,7 +1,7 @@
 """Pseudo-label caches of a split: label PNGs imported, or predicted with a SegFormer.
 
 Both write the uint8 train-id cache (19 Cityscapes classes, 255 void) the KITTI data module
-reads (`fsre_lightning.data.kitti_cache`), at the training resolution, keyed by each line's
+reads (`fsre_lightning.data.frame_cache`), at the training resolution, keyed by each line's
 frame 0:
 
 - `import_labels` reads the label PNGs (the published release's layout, Cityscapes label ids or
@@ -14,7 +14,7 @@ frame 0:
   local folder or the Hugging Face cache; nothing is downloaded unless `allow_download`.
 
 Builds are resumable and skipped when the cache is up to date. The command line is
-`python -m fsre_lightning.pseudolabel` (`fsre_lightning.cli.pseudolabel`).
+`python -m fsre_lightning.pseudolabel` (`fsre_lightning.pseudolabel`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fsre_lightning.cityscapes import NUM_CLASSES, VOID
-from fsre_lightning.data.cache import ArrayCache, CachedArray, file_signature
+from fsre_lightning.data.array_store import ArrayCache, CachedArray, file_signature
 from fsre_lightning.data.decode import read_rgb
-from fsre_lightning.data.kitti_cache import build_label_cache, cache_name, frame_key, unique_rows
-from fsre_lightning.data.layout import (
+from fsre_lightning.data.frame_cache import build_label_cache, cache_name, frame_key, unique_rows
+from fsre_lightning.data.kitti_layout import (
     find_image,
     label_path,
     missing_error,

@@ -20,9 +20,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from fsre_lightning.data.layout import GT_SOURCES, check_intrinsics
-from fsre_lightning.models.encoder import check_image_size
-from fsre_lightning.rules import (
+from fsre_lightning.config.checks import (
     check_choice,
     check_int,
     check_number,
@@ -31,6 +29,8 @@ from fsre_lightning.rules import (
     raise_unless,
     require,
 )
+from fsre_lightning.data.kitti_layout import GT_SOURCES, check_intrinsics
+from fsre_lightning.models.encoder import check_image_size
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed",

@@ -1,4 +1,4 @@
-"""Result tables of a sweep (`python -m fsre_lightning.report`, fsre_lightning.cli.report).
+"""Result tables of a sweep (`python -m fsre_lightning.report`, fsre_lightning.report).
 
 Collects every member's `metrics.json` (the validation metrics after training) and
 `.hydra/overrides.yaml`, and writes the paper's layout: one row per swept value, columns the
@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 
 from fsre_lightning.errors import UserError
-from fsre_lightning.metrics import REPORTED_METRICS
-from fsre_lightning.sweep import member_folders, read_failure
+from fsre_lightning.scoring.metrics import REPORTED_METRICS
+from fsre_lightning.sweeps.members import member_folders, read_failure
 
 METRICS = REPORTED_METRICS
 HEADERS: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fsre_lightning.data.layout import camera_folder, image_file, label_file
+from fsre_lightning.data.kitti_layout import camera_folder, image_file, label_file
 
 DRIVE = "2011_01_01/2011_01_01_drive_0001_sync"
 CAMERA = camera_folder(2)

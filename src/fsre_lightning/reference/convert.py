@@ -15,12 +15,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from fsre_lightning.checkpointing import (
-    TRAINING_DATA_KEY,
-    AtomicCheckpointIO,
-    training_data_entry,
-)
-from fsre_lightning.data.layout import KITTI_INTRINSICS
+from fsre_lightning.checkpoints import TRAINING_DATA_KEY, AtomicCheckpointIO, training_data_entry
+from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.module import FSREModule
 from fsre_lightning.reference.load import ReferenceRelease
 

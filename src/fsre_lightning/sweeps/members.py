@@ -1,21 +1,15 @@
-"""What sweeps, clusters and multi-process runs need from the training entry point.
+"""Sweep members: each in a process of its own, failures recorded, a stopped sweep resumed in
+place.
 
-- `run_group`: the wandb group of a run (resolver `fsre_run_group`): the run's name alone, or
-  name and sweep time for every member of one `--multirun`, so a sweep is one group.
 - `launch_member`: one member of a sweep of Hydra's basic (local) launcher, run in a child
   process so that its death by any cause (a segfault, the OOM killer, SIGKILL) is observed,
   recorded and survived; `run_member` runs one in this process (the child itself, or a
   launcher that starts a process per member of its own, e.g. SLURM). A failure is written
   into the member's folder (`failed.json`) and the sweep goes on. `SweepOutcome`, a Hydra
   callback, lists the failed members at the end with the command that reruns each, and the
-  command then exits non-zero. A stopped sweep resumes in its own folder
-  (`sweep_resume_command`): finished members are kept, the stopped one resumes exactly.
-- `WandbSyncHint`: a Hydra callback printing the one `wandb sync` command of a whole sweep.
-- `per_process_batch`, `effective_batch_split`: the per-process batch that keeps
-  `effective_batch_size` on any number of devices and nodes.
-- `hydra_ddp_command`: how Lightning's DDP launcher re-invokes this script for ranks > 0; its
-  own version replays `sys.argv`, which inside a `--multirun` would start the whole sweep again
-  in every child process.
+  command then exits non-zero.
+- A stopped sweep resumes in its own folder (`sweep_resume_command`, `ckpt_path=auto`):
+  finished members are kept, the stopped one resumes exactly (docs/design.md section 6).
 """
 
 from __future__ import annotations
@@ -30,85 +24,28 @@ import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fsre_lightning.errors import ConfigError, first_line
+from fsre_lightning.sweeps.context import (
+    MEMBER_ENV,
+    HydraCallback,
+    hydra_config,
+    member_context,
+)
+from fsre_lightning.tracking.wandb import close_open_wandb_run
 
 log = logging.getLogger(__name__)
-
-
-def _hydra_config() -> Any | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _is_multirun(hydra_cfg: Any) -> bool:
-    from hydra.types import RunMode
-
-    return hydra_cfg is not None and hydra_cfg.get("mode") == RunMode.MULTIRUN
-
-
-def is_sweep_member() -> bool:
-    """Whether the running Hydra job is one member of a multirun."""
-    return _is_multirun(_hydra_config())
-
-
-def run_group(name: str) -> str:
-    """`name` for a single run; `<name>-<sweep folder>` (the sweep's start time) in a sweep."""
-    member = member_context()
-    if member is not None:  # a member in its own process (launch_member)
-        return f"{name}-{Path(member['sweep_dir']).name}"
-    hydra_cfg = _hydra_config()
-    if not _is_multirun(hydra_cfg):
-        return str(name)
-    try:
-        sweep_dir = Path(str(hydra_cfg.sweep.dir))
-    except Exception:  # an unresolvable sweep dir: the member folder's parent is the same
-        sweep_dir = Path(str(hydra_cfg.runtime.output_dir)).parent
-    return f"{name}-{sweep_dir.name}"
-
-
-OmegaConf.register_new_resolver("fsre_run_group", run_group, replace=True)
-
-
-def sweep_sync_command(sweep_dir: str | Path) -> str | None:
-    """`wandb sync` for every offline wandb run under a sweep folder, or None if there is none."""
-    sweep_dir = Path(sweep_dir)
-    runs = sorted(sweep_dir.glob("*/wandb/offline-run-*"))
-    if not runs:
-        return None
-    # One shell glob instead of N paths: the line stays short for any sweep size.
-    return f"wandb sync {sweep_dir}/*/wandb/offline-run-*"
-
-
-try:
-    from hydra.experimental.callback import Callback as HydraCallback
-except ImportError:  # pragma: no cover - Hydra < 1.3 moved it
-    from hydra.experimental.callbacks import Callback as HydraCallback  # type: ignore
-
-
-class WandbSyncHint(HydraCallback):
-    """At the end of a `--multirun`, print how to upload all of its offline wandb runs."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
-        except Exception:  # a hint must never fail a finished sweep
-            return
-        command = sweep_sync_command(sweep_dir)
-        if command:
-            print(f"wandb runs of this sweep saved offline; to upload them all:\n  {command}")
-        print(f"result table: python -m fsre_lightning.report {sweep_dir}")
 
 
 # ------------------------------------------------------------------ members that fail
 # Written into a member's folder when it fails: what went wrong and how to rerun it.
 FAILURE_FILE = "failed.json"
+
 
 # The failed members of the last sweep of this process (SweepOutcome fills it at the end).
 failed_members: list[dict[str, Any]] = []
@@ -127,7 +64,7 @@ def member_overrides() -> list[str]:
     member = member_context()
     if member is not None:
         return list(member["overrides"])
-    hydra_cfg = _hydra_config()
+    hydra_cfg = hydra_config()
     if hydra_cfg is None:
         return []
     overrides = [o for o in hydra_cfg.overrides.hydra if not str(o).startswith("hydra.mode")]
@@ -202,13 +139,6 @@ def read_failure(member_dir: str | Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def close_open_wandb_run(exit_code: int = 1) -> None:
-    """Finish a wandb run left open by a failure, so the next member starts its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
-
-
 def run_member(command: str, job: Callable[[Any], Any], cfg: Any, run_dir: str | Path
                ) -> Any:
     """Run one sweep member; a failure of any kind is recorded and gives NaN (what Optuna
@@ -238,34 +168,21 @@ def run_member(command: str, job: Callable[[Any], Any], cfg: Any, run_dir: str |
         return math.nan
 
 
-# ----------------------------------------------------------- members in child processes
-# Set in a member's process by `launch_member`: JSON with the sweep folder, the member's
-# overrides, the command that reruns it and the one that resumes the whole sweep in place.
-MEMBER_ENV = "FSRE_SWEEP_MEMBER"
 # A member's overrides as first launched, so that a resume in place finds the same member.
 MEMBER_FILE = "member.json"
+
+
 # Return values of the member process that mean "stopped on a signal, state saved".
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
 # Hydra's command-line flags that take the next argument as their value.
 _FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
                      "--cfg", "-c", "--package", "-p", "--experimental-rerun")
+
+
 # What ckpt_path means inside a sweep: this member's own last checkpoint.
 RESUME_VALUES = ("last", "auto")
-
-
-def member_context() -> dict[str, Any] | None:
-    """What `launch_member` told this process about the member it runs, or None."""
-    raw = os.environ.get(MEMBER_ENV)
-    return json.loads(raw) if raw else None
-
-
-def launches_members_here() -> bool:
-    """Whether this job is a member of a sweep whose launcher runs members in this very
-    process (Hydra's basic launcher), where `launch_member` gives each its own process."""
-    hydra_cfg = _hydra_config()
-    return _is_multirun(hydra_cfg) and OmegaConf.select(
-        hydra_cfg, "launcher._target_") == _BASIC_LAUNCHER
 
 
 def sweep_resume_command(command: str, sweep_dir: str | Path,
@@ -331,7 +248,7 @@ def kept_member_value(cfg: Any, run_dir: str | Path) -> float | None:
     overrides) is a ConfigError."""
     if str(cfg.get("ckpt_path")) not in RESUME_VALUES:
         return None
-    hydra_cfg = _hydra_config()
+    hydra_cfg = hydra_config()
     folder = Path(run_dir)
     _check_same_member(folder, [str(o) for o in hydra_cfg.overrides.task])
     done = member_value(folder)
@@ -339,17 +256,6 @@ def kept_member_value(cfg: Any, run_dir: str | Path) -> float | None:
         log.info("sweep member %s finished before (%s): kept", folder.name,
                  folder / "metrics.json")
     return done
-
-
-def _own_command() -> list[str]:
-    """How this process was started: `python -m <module>` or `python <script>` (what
-    Lightning's DDP launcher runs again for the other ranks)."""
-    import __main__
-
-    spec = getattr(__main__, "__spec__", None)
-    if spec is not None:
-        return [sys.executable, "-m", spec.name.removesuffix(".__main__")]
-    return [sys.executable, str(Path(sys.argv[0]).resolve())]
 
 
 def _hydra_flags(argv: Sequence[str]) -> list[str]:
@@ -427,7 +333,7 @@ def launch_member(command: str, cfg: Any, run_dir: str | Path) -> float:
 
     from fsre_lightning.runtime import report_error
 
-    hydra_cfg = _hydra_config()
+    hydra_cfg = hydra_config()
     folder = Path(run_dir)
     sweep_dir = Path(str(hydra_cfg.sweep.dir))
     task = [str(o) for o in hydra_cfg.overrides.task]
@@ -484,73 +390,3 @@ class SweepOutcome(HydraCallback):
         for record in failed_members:
             print(f"  member {Path(record['member']).name}: {record['type']}: "
                   f"{record['error']}\n    {record['rerun']}", file=sys.stderr)
-
-
-def world_size(devices: Any, num_nodes: Any = 1) -> int | None:
-    """Processes a Trainer with these `devices` and `num_nodes` starts; None when only the
-    machine knows (devices='auto' or -1 on an accelerator)."""
-    if isinstance(devices, ListConfig | list | tuple):
-        per_node = len(devices)
-    elif isinstance(devices, str) and devices not in ("auto", "-1"):
-        # "0,1" or "2": Lightning's string forms
-        per_node = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(
-            devices)
-    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
-        per_node = devices
-    else:
-        return None
-    return per_node * int(num_nodes or 1)
-
-
-def per_process_batch(effective: int, processes: int, accumulate: int = 1) -> int:
-    """The per-process batch giving `effective` samples per optimiser step."""
-    divisor = processes * accumulate
-    if effective % divisor:
-        raise ValueError(
-            f"it does not split over {processes} process(es) x {accumulate} accumulated "
-            f"batch(es): use a multiple of {divisor}, or set effective_batch_size=null and "
-            "data.batch_size per process")
-    return effective // divisor
-
-
-def effective_batch_split(effective: int, trainer: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(per-process batch, processes, accumulated batches) that make `effective_batch_size`
-    with this trainer config; ConfigError when the device count is unknown or does not split."""
-    processes = world_size(trainer.get("devices", 1), trainer.get("num_nodes", 1))
-    if processes is None:
-        raise ConfigError("effective_batch_size", effective, "it needs a device count: set "
-                          f"trainer.devices to a number (it is {trainer.get('devices')!r})")
-    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
-    try:
-        return per_process_batch(effective, processes, accumulate), processes, accumulate
-    except ValueError as err:
-        raise ConfigError("effective_batch_size", effective, str(err)) from err
-
-
-def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:
-    """The command Lightning runs for DDP rank `local_rank` > 0 under Hydra.
-
-    This job's own overrides (a sweep member's values, not the sweep) and its output folder, in
-    single-run mode, so every rank trains the same member and writes into the same folder.
-    """
-    from hydra.utils import get_original_cwd
-
-    hydra_cfg = _hydra_config()
-    if hydra_cfg is None:  # pragma: no cover - only called when Hydra is initialised
-        raise RuntimeError("hydra_ddp_command needs an initialised Hydra")
-    command = _own_command()
-    output_dir = str(hydra_cfg.runtime.output_dir).replace("\\", "/").replace('"', '\\"')
-    # hydra.mode=RUN: an experiment that is a sweep by itself (mode: MULTIRUN) must not start
-    # its sweep again in every rank.
-    command += [*hydra_cfg.overrides.task, f'hydra.run.dir="{output_dir}"',
-                f"hydra.job.name=ddp_rank_{local_rank}", "hydra.output_subdir=null",
-                "hydra.mode=RUN"]
-    return command, get_original_cwd()
-
-
-def install_ddp_launcher_fix() -> None:
-    """Make Lightning's DDP subprocess launcher use `hydra_ddp_command` (idempotent)."""
-    from pytorch_lightning.strategies.launchers import subprocess_script
-
-    if getattr(subprocess_script, "_hydra_subprocess_cmd", None) is not hydra_ddp_command:
-        subprocess_script._hydra_subprocess_cmd = hydra_ddp_command  # type: ignore[assignment]

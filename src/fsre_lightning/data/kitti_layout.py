@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from fsre_lightning.config.checks import is_number, require
 from fsre_lightning.errors import DataError
-from fsre_lightning.rules import is_number, require
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # KITTI is PNG; many users convert it to JPEG
 SIDE_TO_CAMERA = {"l": 2, "r": 3}  # split-file side -> KITTI camera (2 = left colour)

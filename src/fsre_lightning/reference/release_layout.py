@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fsre_lightning.cityscapes import NUM_CLASSES
+from fsre_lightning.config.checks import is_int
 from fsre_lightning.errors import UserError
 from fsre_lightning.models.decoder import DECODER_CHANNELS, NUM_SCALES
 from fsre_lightning.models.encoder import SIZE_DIVISOR
@@ -34,7 +35,6 @@ from fsre_lightning.reference.keys import (
     SEG_FILE,
     resnet_name,
 )
-from fsre_lightning.rules import is_int
 
 MAX_KEYS_SHOWN = 6
 

@@ -5,7 +5,7 @@ video read with imageio-ffmpeg), `predict_batch` runs the inference graph at the
 and resizes the outputs back, `write_outputs` writes the per-image files (colour-mapped depth,
 arrays, segmentation, an optional overlay) and `predict` runs the whole source, spooling a
 video's arrays to one .npz and its frames to an optional side-by-side mp4. The file names
-and options are documented with the command, `fsre_lightning.cli.predict`.
+and options are documented with the command, `fsre_lightning.predict`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fsre_lightning.data.decode import read_rgb, resize_rgb, rgb_to_tensor
-from fsre_lightning.data.layout import IMAGE_EXTENSIONS
+from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS
 from fsre_lightning.errors import DataError, first_line
 from fsre_lightning.inference.model import InferenceModel
 from fsre_lightning.inference.scale import camera_height_scale, ground_mask

@@ -15,10 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fsre_lightning.errors import ConfigError, require
+from fsre_lightning.errors import ConfigError
 
 __all__ = ["arguments", "check_choice", "check_int", "check_number", "check_path", "is_int",
            "is_number", "raise_unless", "require"]
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigError(key, value, allowed) unless `ok`: the form every range rule takes."""
+    if not ok:
+        raise ConfigError(key, value, allowed)
 
 
 def is_int(value: Any) -> bool:

@@ -10,7 +10,7 @@ Each group is merged into its typed schema, a dataclass beside the code it confi
     loss                        objective.LossConfig
     trainer, paths, top level   schema.TrainerConfig, schema.PathsConfig, schema.ENTRIES
 
-`fsre_lightning.structured.build` merges a group into its schema (OmegaConf rejects unknown
+`fsre_lightning.config.build.build` merges a group into its schema (OmegaConf rejects unknown
 keys and wrong types) and builds the dataclass, which runs its range rules (`__post_init__`,
 the one place each rule lives: the configured classes build the same dataclass from their
 arguments). A `_target_` node without a schema (callbacks, loggers, your own optimiser) may
@@ -24,9 +24,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fsre_lightning.config.build import build, plain_values
+from fsre_lightning.config.checks import raise_unless
+from fsre_lightning.config.resolvers import register_resolvers
 from fsre_lightning.errors import ConfigError
-from fsre_lightning.rules import raise_unless
-from fsre_lightning.structured import build, plain_values
+
+# The one place the configs' resolvers are registered: every composition goes through here.
+register_resolvers()
 
 HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
 # Keys FSREModule reads itself from its optimiser and scheduler nodes (whatever their target).
@@ -53,11 +57,11 @@ def _check_target_keys(node: dict[str, Any], path: str) -> None:
 
 
 def _schema(path: str, values: dict[str, Any]) -> type | None:
+    from fsre_lightning.config.schemas import OPTIMIZERS, SCHEDULERS, PathsConfig, TrainerConfig
     from fsre_lightning.data.kitti import KittiDataConfig
     from fsre_lightning.data.video_folder import VideoFolderDataConfig
     from fsre_lightning.module import ModelConfig
     from fsre_lightning.objective import LossConfig
-    from fsre_lightning.schema import OPTIMIZERS, SCHEDULERS, PathsConfig, TrainerConfig
 
     target = str(values.get("_target_", ""))
     data = VideoFolderDataConfig if target == VideoFolderDataConfig._target_ else KittiDataConfig
@@ -70,7 +74,7 @@ def validate_config(cfg: DictConfig, entry: str) -> DictConfig:
     """Check the composed config of command `entry` (train, evaluate, evaluate_pose, export_gt,
     predict or export) before any work; raises ConfigError naming the first bad key. Returns
     `cfg`."""
-    from fsre_lightning.schema import ENTRIES
+    from fsre_lightning.config.schemas import ENTRIES
 
     raise_unless(entry in ENTRIES, f"entry={entry!r}: one of {sorted(ENTRIES)}")
     top = plain_values(cfg)
@@ -112,6 +116,6 @@ def _cross_group_rules(top: dict[str, Any], built: dict[str, Any]) -> None:
                      "loss.sgt_weight > 0: the semantic losses need pseudo-labels (set "
                      "data.use_labels=true, or train model=monodepth2)")
     if top.get("effective_batch_size") is not None and top.get("trainer"):
-        from fsre_lightning.sweep import effective_batch_split
+        from fsre_lightning.distributed import effective_batch_split
 
         effective_batch_split(top["effective_batch_size"], top["trainer"])

@@ -3,7 +3,7 @@
 `depth_errors` is the per-image formula; `compute_depth_metrics` applies the Eigen protocol
 (crop, cap, median scaling) to one image; `DepthMetrics` and `SegmentationIoU` are torchmetrics
 wrappers so that validation numbers are reduced correctly across DDP processes. The offline
-evaluation (`fsre_lightning.evaluation.evaluate_eigen`) runs through `DepthMetrics` too, so
+evaluation (`fsre_lightning.scoring.eigen.evaluate_eigen`) runs through `DepthMetrics` too, so
 validation and test numbers come from one implementation.
 """
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from fsre_lightning.checkpointing import TRAINING_DATA_KEY, training_data_entry
+from fsre_lightning.checkpoints import TRAINING_DATA_KEY, training_data_entry
 from fsre_lightning.module import FSREModule
 
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18",

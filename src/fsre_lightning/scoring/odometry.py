@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fsre_lightning.data.decode import load_image
-from fsre_lightning.data.layout import IMAGE_EXTENSIONS
+from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS
 from fsre_lightning.errors import DataError
 from fsre_lightning.models.pose import PoseNetwork
 

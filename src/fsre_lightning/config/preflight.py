@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fsre_lightning.config import validate_config
 from fsre_lightning.errors import UserError
 from fsre_lightning.runtime import CONFIG_DIR, EXIT_USER_ERROR, report_error
-from fsre_lightning.sweep import HydraCallback
+from fsre_lightning.sweeps.context import HydraCallback
 
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
