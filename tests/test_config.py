@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,8 +43,8 @@ from fsre_lightning.objective import LossConfig
         ("model.optimizer.lr=0.0", "model.optimizer.lr", 0.0, "> 0"),
         ("model.scheduler.milestones=[15,10]", "model.scheduler.milestones", [15, 10],
          "increasing"),
-        ("model.scheduler.warmup_steps=-5", "model.scheduler.warmup_steps", -5, ">= 0"),
-        ("model.optimizer.pose_lr_scale=0.0", "model.optimizer.pose_lr_scale", 0.0, "> 0"),
+        ("model.warmup_steps=-5", "model.warmup_steps", -5, ">= 0"),
+        ("model.pose_lr_scale=0.0", "model.pose_lr_scale", 0.0, "> 0"),
         ("model.optimizer.fused=yes", "model.optimizer.fused", "yes", "true or false"),
         ("model.compile_loss=1", "model.compile_loss", 1, "true or false"),
         ("model.compile=everything", "model.compile", "everything", "'step'"),
@@ -146,30 +147,82 @@ def _schema_defaults(schema: type, skip: set[str]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("schema", "target", "own"),
     [
-        (KittiDataConfig, KittiDataModule, set()),
         (NetworkConfig, FSRENetwork, set()),
         (PoseNetworkConfig, PoseNetwork, set()),
         (SyntheticConfig, generate_synthetic_kitti, {"root"}),
-        (ModelConfig, FSREModule, {"loss", "eval_crop", "min_depth_eval", "max_depth_eval"}),
     ],
 )
 def test_schema_mirrors_the_signature_it_configures(schema: type, target: Any,
                                                      own: set[str]) -> None:
-    """Every argument is a schema key with the same default, and nothing else is."""
+    """The networks (timm-style explicit arguments): every argument is a schema key with the
+    same default, and nothing else is."""
     skip = {"_target_"}
     expected = _defaults(target, own)
     got = _schema_defaults(schema, skip)
-    # the network configs have no Python default (they are required); the rest match
     assert set(got) == set(expected)
     assert {k: v for k, v in got.items() if v is not inspect.Parameter.empty} == {
         k: v for k, v in expected.items() if got[k] is not inspect.Parameter.empty}
 
 
+def test_the_large_constructors_take_their_config_and_write_no_default_twice(
+        tmp_path: Path) -> None:
+    """KittiDataModule, VideoFolderDataModule and FSREModule name only what is not a field of
+    their config (paths, the networks, what the data gives the model); every other option is
+    a keyword checked and defaulted by the config dataclass, which they keep as `config`."""
+    assert list(inspect.signature(KittiDataModule).parameters) == ["root", "split_dir",
+                                                                  "options"]
+    assert list(inspect.signature(VideoFolderDataModule).parameters) == ["root", "options"]
+    assert set(inspect.signature(FSREModule).parameters) == {
+        "network", "pose_network", "loss", "optimizer", "scheduler", "frame_ids", "eval_crop",
+        "min_depth_eval", "max_depth_eval", "options"}
+    data = KittiDataModule(tmp_path, tmp_path / "splits", batch_size=3)
+    assert data.config == KittiDataConfig(root=str(tmp_path),
+                                          split_dir=str(tmp_path / "splits"), batch_size=3)
+    with pytest.raises(ConfigError, match=r"batch_size=0 is not allowed"):
+        KittiDataModule(tmp_path, tmp_path, batch_size=0)
+    with pytest.raises(TypeError, match="batchsize"):
+        KittiDataModule(tmp_path, tmp_path, batchsize=3)
+    net = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "test_resnet",
+           "segmentation": False, "cma_scales": []}
+    pose = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "test_resnet"}
+    module = FSREModule(net, pose, nonfinite="stop")
+    defaults = {k: v for k, v in _schema_defaults(ModelConfig, {"_target_"}).items()
+                if v is not inspect.Parameter.empty}
+    assert {k: getattr(module.config, k) for k in defaults} == {**defaults, "nonfinite": "stop"}
+    assert {k: module.hparams[k] for k in defaults} == {**defaults, "nonfinite": "stop"}
+    with pytest.raises(ConfigError, match="pose_lr_scale"):
+        FSREModule(net, pose, pose_lr_scale=0)
+    # A checkpoint of before the move (pose_lr_scale, warmup_steps in the optimiser and
+    # scheduler arguments) builds the same module.
+    old = FSREModule(net, pose, optimizer={"_target_": "torch.optim.Adam", "_partial_": True,
+                                           "lr": 1e-4, "pose_lr_scale": 5.0},
+                     scheduler={"_target_": "torch.optim.lr_scheduler.MultiStepLR",
+                                "_partial_": True, "milestones": [2], "warmup_steps": 3})
+    assert (old.config.pose_lr_scale, old.config.warmup_steps) == (5.0, 3)
+    assert "pose_lr_scale" not in old.config.optimizer
+
+
+@pytest.mark.parametrize(("override", "old", "new"), [
+    ("++model.optimizer.pose_lr_scale=2", "model.optimizer.pose_lr_scale", "model.pose_lr_scale"),
+    ("++model.scheduler.warmup_steps=10", "model.scheduler.warmup_steps", "model.warmup_steps"),
+    ("++model.frame_ids=[0,-1,1]", "model.frame_ids", "data.frame_ids"),
+])
+def test_a_moved_key_is_refused_naming_its_new_place(compose: Any, override: str, old: str,
+                                                     new: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose("train", [override]), "train")
+    message = str(err.value)
+    assert message.startswith(f"{old} is not allowed: it is now {new}")
+    assert "\n" not in message
+
+
 def test_video_folder_schema_extends_the_kitti_keys() -> None:
-    own = {n for n in inspect.signature(VideoFolderDataModule).parameters if n != "kwargs"}
-    kitti = set(inspect.signature(KittiDataModule).parameters)
-    assert {f.name for f in dataclasses.fields(VideoFolderDataConfig)} - {"_target_"} == (
-        own | kitti)
+    kitti = {f.name for f in dataclasses.fields(KittiDataConfig)}
+    video = {f.name for f in dataclasses.fields(VideoFolderDataConfig)}
+    assert kitti < video
+    assert video - kitti == {"work_dir", "intrinsics_units", "val_fraction", "split_seed",
+                             "pseudo_label_model", "pseudo_label_device",
+                             "pseudo_label_batch_size"}
 
 
 def test_third_party_schemas_name_real_arguments_with_their_defaults() -> None:
@@ -178,7 +231,7 @@ def test_third_party_schemas_name_real_arguments_with_their_defaults() -> None:
         if f.name != "_target_":
             assert f.name in trainer and _schema_defaults(TrainerConfig, set())[f.name] == \
                 trainer[f.name].default, f.name
-    ours = {"_target_", "_partial_", "pose_lr_scale", "warmup_steps"}
+    ours = {"_target_", "_partial_"}
     for registry, first in ((OPTIMIZERS, "params"), (SCHEDULERS, "optimizer")):
         for target, schema in registry.items():
             module, _, name = target.rpartition(".")

@@ -1,15 +1,14 @@
-"""FSREModule: the LightningModule that wires networks, losses, metrics and logging together.
+"""FSREModule: the LightningModule of one training step, its non-finite policy and optimisers.
 
-The maths lives elsewhere (models/, geometry, losses/, objective, metrics); this class only
-orchestrates one step and what is logged. The batch layout is the one documented in
-`fsre_lightning.data.kitti` and docs/design.md section 4.1.
+The maths lives elsewhere (models/, geometry, losses/, objective, scoring/), the speed options
+in `speed`, the image panels in `tracking.panels`; this class orchestrates a step and what is
+logged. The batch it reads is docs/design.md section 4.1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import hydra
@@ -18,36 +17,34 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fsre_lightning.checkpoints import check_state_dict_compatible, describe_training
-from fsre_lightning.config.checks import check_choice, check_int
+from fsre_lightning.config.checks import check_choice, check_int, check_number
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import disp_to_depth
-from fsre_lightning.losses import photometric_losses
 from fsre_lightning.models.fsre import NetworkConfig
 from fsre_lightning.models.pose import PoseNetworkConfig
 from fsre_lightning.nonfinite import NonFinitePolicy, nonfinite_terms, scalar_terms
 from fsre_lightning.objective import LossConfig, compute_losses
-from fsre_lightning.scoring.metrics import REPORTED_METRICS, DepthMetrics, SegmentationIoU
-from fsre_lightning.visualize import (
-    colorize_disparity,
-    colorize_error,
-    colorize_segmentation,
-    log_image,
-    make_panel,
-)
+from fsre_lightning.scoring.metrics import DepthMetrics, SegmentationIoU
+from fsre_lightning.speed import COMPILE_MODES, apply_speed_options, compile_target
+from fsre_lightning.tracking import panels
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The `model` group: FSREModule's arguments (the `loss` group and the data's evaluation
-    settings are passed in by the entry point). The optimiser and scheduler are `_partial_`
-    targets with schemas of their own (`fsre_lightning.config.schemas`)."""
+    """The `model` group: FSREModule's arguments and their rules. The `loss` group and what
+    comes from the data (frame ids, the evaluation crop and depth caps) are passed in by the
+    entry point. The optimiser and scheduler are `_partial_` targets with schemas of their own
+    (`fsre_lightning.config.schemas`)."""
 
     _target_: str = "fsre_lightning.module.FSREModule"
     network: NetworkConfig
     pose_network: PoseNetworkConfig
     optimizer: Any = None
     scheduler: Any = None
-    frame_ids: list[int] = field(default_factory=lambda: [0, -1, 1])
+    # The pose network's lr is model.optimizer.lr * pose_lr_scale (1 = the paper's).
+    pose_lr_scale: float = 1.0
+    # A linear lr ramp over the first N steps (0 = the paper's: none).
+    warmup_steps: int = 0
     image_log_every_n_steps: int = 250
     num_panel_images: int = 2
     nonfinite: str = "skip"
@@ -59,6 +56,8 @@ class ModelConfig:
     compile_loss: bool = False
 
     def __post_init__(self) -> None:
+        check_number("pose_lr_scale", self.pose_lr_scale, lo=0, strict=True)
+        check_int("warmup_steps", self.warmup_steps, lo=0)
         check_int("image_log_every_n_steps", self.image_log_every_n_steps, lo=0)
         check_int("num_panel_images", self.num_panel_images, lo=1)
         NonFinitePolicy(self.nonfinite, self.nonfinite_max_consecutive)  # its rules
@@ -66,21 +65,10 @@ class ModelConfig:
         check_choice("compile_mode", self.compile_mode, COMPILE_MODES, nullable=True)
 
 
-# model.compile: what torch.compile covers. "step" is the training step's forward and loss as one
-# graph (its backward is compiled with it); "networks" the depth and pose networks alone.
-COMPILE_TARGETS = ("networks", "step")
-# model.compile_mode: torch.compile's modes (null = "default"); "reduce-overhead" adds CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_target(value: Any) -> str | None:
-    """`model.compile` as None (off), "networks" or "step"; true means "step"."""
-    if value is False or value is None:
-        return None
-    if value is True:
-        return "step"
-    check_choice("compile", value, (False, True, *COMPILE_TARGETS))
-    return str(value)
+# The options of ModelConfig FSREModule takes as keyword arguments (the rest are positional).
+_OPTIONS = tuple(f.name for f in fields(ModelConfig)
+                 if f.name not in ("_target_", "network", "pose_network", "optimizer",
+                                   "scheduler"))
 
 
 def _plain(cfg: Any) -> Any:
@@ -90,6 +78,16 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def _moved_into_model(optimizer: dict[str, Any] | None, scheduler: dict[str, Any] | None,
+                      options: dict[str, Any]) -> None:
+    """Checkpoints written before `pose_lr_scale` and `warmup_steps` were model keys hold them
+    in their optimiser and scheduler arguments: moved to where they are read now."""
+    for node, key in ((optimizer, "pose_lr_scale"), (scheduler, "warmup_steps")):
+        if node is not None and key in node:
+            value = node.pop(key)
+            options.setdefault(key, value)
+
+
 class FSREModule(pl.LightningModule):
     """Self-supervised depth with semantics: FSRENetwork + PoseNetwork trained with the total
     loss of `fsre_lightning.objective`.
@@ -97,8 +95,9 @@ class FSREModule(pl.LightningModule):
     `network` and `pose_network` are Hydra configs (with `_target_`) so that a checkpoint alone
     rebuilds the model: `FSREModule.load_from_checkpoint(path)`. `optimizer` and `scheduler`
     are `_partial_` Hydra configs (model.optimizer, model.scheduler); a module without them
-    predicts but cannot train. `eval_crop`, `min_depth_eval` and `max_depth_eval` are the
-    validation's Eigen protocol (the data config's).
+    predicts but cannot train. `frame_ids`, `eval_crop`, `min_depth_eval` and `max_depth_eval`
+    are the data config's (the frames of a batch, the validation's Eigen protocol). The other
+    keyword arguments are `ModelConfig`'s options, with its defaults and rules.
     """
 
     def __init__(
@@ -109,108 +108,53 @@ class FSREModule(pl.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         frame_ids: Sequence[int] = (0, -1, 1),
-        image_log_every_n_steps: int = 250,
-        num_panel_images: int = 2,
-        nonfinite: str = "skip",
-        nonfinite_max_consecutive: int = 100,
-        channels_last: bool = False,
-        compile: bool | str = False,
-        compile_mode: str | None = None,
-        gradient_checkpointing: bool = False,
-        compile_loss: bool = False,
         eval_crop: str = "garg",
         min_depth_eval: float = 1e-3,
         max_depth_eval: float = 80.0,
+        **options: Any,
     ) -> None:
         super().__init__()
         network, pose_network = _plain(network), _plain(pose_network)
-        loss, optimizer, scheduler = _plain(loss) or {}, _plain(optimizer), _plain(scheduler)
-        self.save_hyperparameters(
-            {
-                "network": network,
-                "pose_network": pose_network,
-                "loss": loss,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "frame_ids": list(frame_ids),
-                "image_log_every_n_steps": image_log_every_n_steps,
-                "num_panel_images": num_panel_images,
-                "nonfinite": nonfinite,
-                "nonfinite_max_consecutive": nonfinite_max_consecutive,
-                "channels_last": channels_last,
-                "compile": compile,
-                "compile_mode": compile_mode,
-                "gradient_checkpointing": gradient_checkpointing,
-                "compile_loss": compile_loss,
-                "eval_crop": eval_crop,
-                "min_depth_eval": min_depth_eval,
-                "max_depth_eval": max_depth_eval,
-            }
-        )
+        loss = _plain(loss) or {}
+        optimizer = dict(_plain(optimizer)) if optimizer is not None else None
+        scheduler = dict(_plain(scheduler)) if scheduler is not None else None
+        _moved_into_model(optimizer, scheduler, options)
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"FSREModule got unknown options {unknown}: "
+                            f"ModelConfig's are {list(_OPTIONS)}")
+        # Defaults and rules written once, in ModelConfig (the networks check their own).
+        self.config = ModelConfig(network=network, pose_network=pose_network,
+                                  optimizer=optimizer, scheduler=scheduler, **options)
+        self.save_hyperparameters({
+            "network": network, "pose_network": pose_network, "loss": loss,
+            "optimizer": optimizer, "scheduler": scheduler, "frame_ids": list(frame_ids),
+            **{key: getattr(self.config, key) for key in _OPTIONS},
+            "eval_crop": eval_crop, "min_depth_eval": min_depth_eval,
+            "max_depth_eval": max_depth_eval,
+        })
         self.net = hydra.utils.instantiate(network)
         self.pose_net = hydra.utils.instantiate(pose_network)
         self.loss_cfg = LossConfig(**loss)
         self.frame_ids = [int(f) for f in frame_ids]
-        self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
-        self.image_log_every_n_steps = image_log_every_n_steps
-        self.num_panel_images = num_panel_images
         self.has_segmentation = getattr(self.net, "seg_decoder", None) is not None
         self.val_depth = DepthMetrics(min_depth_eval, max_depth_eval, eval_crop)
         self.val_miou = SegmentationIoU()
-        self.nonfinite = NonFinitePolicy(nonfinite, nonfinite_max_consecutive)
+        self.nonfinite = NonFinitePolicy(self.config.nonfinite,
+                                         self.config.nonfinite_max_consecutive)
         self._batch_names: list[str] = []
         # The loss terms' finiteness, one flag on the device, read once per step (on_before_
         # optimizer_step) together with the gradients': a single device-to-host transfer.
         self._losses_finite: torch.Tensor | None = None
         self._last_losses: dict[str, torch.Tensor] = {}
         self._logged_counts: dict[str, float] = {}
-        self._apply_speed_options(channels_last, compile, compile_mode, gradient_checkpointing,
-                                  compile_loss)
-
-    def _apply_speed_options(
-        self,
-        channels_last: bool,
-        compile: bool | str,
-        compile_mode: str | None,
-        gradient_checkpointing: bool,
-        compile_loss: bool,
-    ) -> None:
-        """Options that change speed and memory, never the maths (benchmarks/README.md)."""
-        target = compile_target(compile)
-        check_choice("compile_mode", compile_mode, COMPILE_MODES, nullable=True)
-        self.channels_last = bool(channels_last)
-        if self.channels_last:
-            # Weights in NHWC make the convolutions of both networks produce NHWC as well.
-            self.net.to(memory_format=torch.channels_last)
-            self.pose_net.to(memory_format=torch.channels_last)
-        if gradient_checkpointing:
-            if not hasattr(self.net, "gradient_checkpointing"):
-                raise ValueError("model.gradient_checkpointing: the network does not support it")
-            self.net.gradient_checkpointing = True
-        mode = None if compile_mode in (None, "default") else compile_mode
-        if target == "networks":
-            # Module.compile keeps the parameter names, so checkpoints stay interchangeable.
-            self.net.compile(mode=mode)
-            self.pose_net.compile(mode=mode)
-        # The photometric maps (SSIM + L1 of every source at every scale) are element-wise work
-        # bound by memory traffic; Inductor fuses them into a few loops (2.4x on CPU).
-        self._photometric = (
-            torch.compile(photometric_losses) if compile_loss and target != "step"
-            else photometric_losses
-        )
-        # The whole training step (networks, warps, every loss term) as one graph: Inductor
-        # fuses the loss's element-wise work with the networks' epilogues, and with static
-        # shapes (train batches drop the last, partial one) CUDA graphs can replay it. The
-        # step has no host synchronisation inside (tests/test_compile.py). Validation and
-        # prediction stay eager: other shapes, no gradients, no recompilation.
-        # The function, not the bound method, is compiled: a copy of the module (deepcopy,
-        # pickling) then runs its own networks, not the original's.
-        self._compiled_step = (
-            torch.compile(type(self)._forward_losses, mode=mode, dynamic=False)
-            if target == "step" else None
-        )
-        # Modes that replay CUDA graphs, whose outputs the next replay overwrites.
-        self._cuda_graphs = target is not None and mode in ("reduce-overhead", "max-autotune")
+        cfg = self.config
+        plan = apply_speed_options(
+            self.net, self.pose_net, type(self)._forward_losses, cfg.channels_last, cfg.compile,
+            cfg.compile_mode, cfg.gradient_checkpointing, cfg.compile_loss)
+        self.channels_last = bool(cfg.channels_last)
+        self._photometric, self._compiled_step = plan.photometric, plan.compiled_step
+        self._cuda_graphs = plan.cuda_graphs
 
     # ------------------------------------------------------------------ steps
     def forward(self, image: torch.Tensor) -> dict[str, Any]:
@@ -244,8 +188,8 @@ class FSREModule(pl.LightningModule):
         frames = batch["frames"]
         if frames.shape[1] != len(self.frame_ids):
             raise ValueError(
-                f"batch has {frames.shape[1]} frames per sample but model.frame_ids is "
-                f"{self.frame_ids}: set data.frame_ids and model.frame_ids alike"
+                f"batch has {frames.shape[1]} frames per sample but the module was built for "
+                f"frame ids {self.frame_ids} (data.frame_ids)"
             )
         args = (frames, batch.get("frames_aug", frames), batch["K"], batch["inv_K"],
                 batch.get("labels"))
@@ -303,8 +247,10 @@ class FSREModule(pl.LightningModule):
             # Not prog_bar: Lightning would read it on the host after every step (the progress
             # bar, fsre_lightning.callbacks.ProgressBar, shows train/total every n steps).
             self.log(f"train/{name}", value, batch_size=batch_size)
-        if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
-            self._log_panel("train/panel", batch, outputs, losses.get("automask"))
+        every = self.config.image_log_every_n_steps
+        if every and self.global_step % every == 0:
+            panels.log_panel(self, "train/panel", batch, outputs, losses.get("automask"),
+                             self.config.num_panel_images)
         self._log_skipped(batch)
         return losses["total"]
 
@@ -357,8 +303,9 @@ class FSREModule(pl.LightningModule):
         if self.has_segmentation and "labels" in batch:
             self.val_miou.update(outputs["seg_logits"].argmax(1), batch["labels"])
         if batch_idx == 0:
-            error = self._error_map(scaled_disp, batch) if "depth_gt" in batch else None
-            self._log_panel("val/panel", batch, outputs, error)
+            error = panels.error_map(scaled_disp, batch) if "depth_gt" in batch else None
+            panels.log_panel(self, "val/panel", batch, outputs, error,
+                             self.config.num_panel_images)
 
     def on_validation_epoch_end(self) -> None:
         # Without ground truth (video folders) no batch updated the depth metrics: nothing to
@@ -392,19 +339,17 @@ class FSREModule(pl.LightningModule):
             check_state_dict_compatible(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> tuple[list[Any], list[dict[str, Any]]]:
-        if self.optimizer_cfg is None or self.scheduler_cfg is None:
+        if self.config.optimizer is None or self.config.scheduler is None:
             raise ConfigError("FSREModule was built without model.optimizer or model.scheduler "
                               "(_partial_ configs, conf/model/optimizer and conf/model/"
                               "scheduler): it can predict, not train")
-        optimizer_cfg = dict(self.optimizer_cfg)
-        pose_lr = optimizer_cfg["lr"] * optimizer_cfg.pop("pose_lr_scale", 1.0)
+        pose_lr = self.config.optimizer["lr"] * self.config.pose_lr_scale
         groups = [{"params": self.net.parameters()},
                   {"params": self.pose_net.parameters(), "lr": pose_lr}]
-        optimizer = hydra.utils.instantiate(optimizer_cfg)(groups)
-        scheduler_cfg = dict(self.scheduler_cfg)
-        warmup_steps = int(scheduler_cfg.pop("warmup_steps", 0))
+        optimizer = hydra.utils.instantiate(self.config.optimizer)(groups)
+        warmup_steps = self.config.warmup_steps
         # Both schedulers are chainable, so their factors multiply on the one optimiser.
-        schedulers = [{"scheduler": hydra.utils.instantiate(scheduler_cfg)(optimizer),
+        schedulers = [{"scheduler": hydra.utils.instantiate(self.config.scheduler)(optimizer),
                        "interval": "epoch"}]
         if warmup_steps > 1:
             # A linear ramp keeps Adam's first, sign-like steps from saturating the disparity
@@ -414,41 +359,6 @@ class FSREModule(pl.LightningModule):
             schedulers.append({"scheduler": warmup, "interval": "step"})
         return [optimizer], schedulers
 
-    # ---------------------------------------------------------------- logging
-    def _error_map(self, scaled_disp: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-        """|gt - pred| / gt at ground-truth pixels, median-scaled, at the network resolution."""
-        gt = batch["depth_gt"]
-        size = scaled_disp.shape[-2:]
-        gt_small = torch.nn.functional.interpolate(gt, size=size, mode="nearest")
-        pred = 1.0 / scaled_disp
-        valid = gt_small > 0
-        error = torch.zeros_like(pred)
-        for i in range(pred.shape[0]):
-            if valid[i].any():
-                ratio = gt_small[i][valid[i]].median() / pred[i][valid[i]].median()
-                rel = (gt_small[i] - pred[i] * ratio).abs() / gt_small[i].clamp_min(1e-3)
-                error[i] = rel * valid[i]
-        return colorize_error(error, vmax=0.5)
-
-    def _log_panel(
-        self,
-        key: str,
-        batch: Mapping[str, Any],
-        outputs: Mapping[str, Any],
-        extra: torch.Tensor | None,
-    ) -> None:
-        if self.trainer is None or not self.trainer.is_global_zero:
-            return
-        n = self.num_panel_images
-        rows = [batch["frames"][:n, 0], colorize_disparity(outputs["disp"][0][:n])]
-        if "seg_logits" in outputs:
-            rows.append(colorize_segmentation(outputs["seg_logits"][:n].argmax(1)))
-        if extra is not None:
-            rows.append(extra[:n].float().expand(-1, 3, -1, -1) if extra.shape[1] == 1
-                        else extra[:n])
-        log_dir = Path(self.trainer.default_root_dir) / "images"
-        log_image(self.logger, key, make_panel(rows), self.global_step, log_dir)
-
 
 def without_imagenet_init(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """FSREModule's arguments (or hyper-parameters) with ImageNet initialisation off in both
@@ -456,13 +366,3 @@ def without_imagenet_init(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {key: {**value, "pretrained": False, "weights_path": None}
             if key in ("network", "pose_network") and isinstance(value, Mapping) else value
             for key, value in arguments.items()}
-
-
-def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The seven depth metrics (plus mIoU when present) as floats, keyed as the paper's table."""
-    out = {}
-    for key in REPORTED_METRICS:
-        value = metrics.get(f"val/{key}", metrics.get(key))
-        if value is not None:
-            out[key] = float(value)
-    return out

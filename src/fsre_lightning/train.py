@@ -44,7 +44,7 @@ from fsre_lightning.checkpoints import (
 from fsre_lightning.config import validate_config
 from fsre_lightning.distributed import effective_batch_split, install_ddp_launcher_fix
 from fsre_lightning.hydra_entry import hydra_command
-from fsre_lightning.module import FSREModule, metric_summary, without_imagenet_init
+from fsre_lightning.module import FSREModule, without_imagenet_init
 from fsre_lightning.runtime import (
     EXIT_SWEEP_FAILED,
     PreemptedError,
@@ -52,7 +52,7 @@ from fsre_lightning.runtime import (
     instantiate,
     run_or_exit,
 )
-from fsre_lightning.scoring.metrics import REPORTED_METRICS
+from fsre_lightning.scoring.metrics import REPORTED_METRICS, metric_summary
 from fsre_lightning.sweeps.context import is_sweep_member, launches_members_here, member_context
 from fsre_lightning.sweeps.members import (
     RESUME_VALUES,
@@ -144,8 +144,9 @@ def build_module(cfg: DictConfig, initialised: bool) -> FSREModule:
     if initialised:
         model = without_imagenet_init(model)
     return instantiate(
-        model, loss=cfg.loss, eval_crop=cfg.data.eval_crop, min_depth_eval=cfg.data.min_depth_eval,
-        max_depth_eval=cfg.data.max_depth_eval, _recursive_=False)
+        model, loss=cfg.loss, frame_ids=cfg.data.frame_ids, eval_crop=cfg.data.eval_crop,
+        min_depth_eval=cfg.data.min_depth_eval, max_depth_eval=cfg.data.max_depth_eval,
+        _recursive_=False)
 
 
 def monitored_value(results: Mapping[str, Any]) -> float:

@@ -33,8 +33,10 @@ from fsre_lightning.errors import ConfigError
 register_resolvers()
 
 HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
-# Keys FSREModule reads itself from its optimiser and scheduler nodes (whatever their target).
-_OWN_KEYS = {"model.optimizer": {"pose_lr_scale"}, "model.scheduler": {"warmup_steps"}}
+# Keys that moved: the old spelling is refused with one line naming the new one.
+MOVED_KEYS = {"model.optimizer.pose_lr_scale": "model.pose_lr_scale",
+              "model.scheduler.warmup_steps": "model.warmup_steps",
+              "model.frame_ids": "data.frame_ids (the model takes the data's frames)"}
 
 
 def _check_target_keys(node: dict[str, Any], path: str) -> None:
@@ -49,7 +51,7 @@ def _check_target_keys(node: dict[str, Any], path: str) -> None:
     params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    allowed = sorted((set(params) - {"self"}) | HYDRA_KEYS | _OWN_KEYS.get(path, set()))
+    allowed = sorted((set(params) - {"self"}) | HYDRA_KEYS)
     for key in node:
         raise_unless(key in allowed, f"{path}.{key} is not a known key (not a parameter of "
                      f"{node['_target_']}): allowed keys of {path} are {allowed}; check the "
@@ -78,6 +80,7 @@ def validate_config(cfg: DictConfig, entry: str) -> DictConfig:
 
     raise_unless(entry in ENTRIES, f"entry={entry!r}: one of {sorted(ENTRIES)}")
     top = plain_values(cfg)
+    _refuse_moved_keys(top)
     # The groups are checked below, each by its own schema; here their names only.
     build(ENTRIES[entry], {k: None if isinstance(v, dict) else v for k, v in top.items()})
     model = top.get("model") or {}
@@ -98,13 +101,18 @@ def validate_config(cfg: DictConfig, entry: str) -> DictConfig:
     return cfg
 
 
+def _refuse_moved_keys(top: dict[str, Any]) -> None:
+    for old, new in MOVED_KEYS.items():
+        node: Any = top
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{old} is not allowed: it is now {new}; set that instead")
+
+
 def _cross_group_rules(top: dict[str, Any], built: dict[str, Any]) -> None:
     """Rules between groups, on their checked dataclasses (defaults filled in)."""
     data, model, loss = (built.get(k) for k in ("data", "model", "loss"))
-    if data and model:
-        raise_unless(model.frame_ids == data.frame_ids,
-                     f"model.frame_ids={model.frame_ids!r} is not allowed: must equal "
-                     f"data.frame_ids (= {data.frame_ids!r})")
     if model and loss:
         raise_unless(model.network.segmentation or not loss.segmentation_weight,
                      f"loss.segmentation_weight={loss.segmentation_weight!r} is not allowed: "

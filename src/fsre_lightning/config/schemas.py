@@ -5,8 +5,7 @@ The groups that configure the package's own classes keep their schema beside the
 
 - `TrainerConfig`: the `trainer` group, the Lightning Trainer arguments a config may set;
 - `OPTIMIZERS` and `SCHEDULERS`: `model.optimizer` / `model.scheduler` by `_target_` (torch's
-  Adam, AdamW, MultiStepLR, CosineAnnealingLR, instantiated with `_partial_`), plus the two
-  keys FSREModule reads itself (`pose_lr_scale`, `warmup_steps`);
+  Adam, AdamW, MultiStepLR, CosineAnnealingLR, instantiated with `_partial_`);
 - `PathsConfig` and one schema per entry point (`ENTRIES`) for the top-level keys.
 
 Defaults are those of what each schema configures (Lightning's, torch's); an entry point's
@@ -138,14 +137,11 @@ class AdamConfig:
     amsgrad: bool = False
     # One kernel for all of the update (same formula): ~3x faster than the loop on CPU.
     fused: bool | None = None
-    # The pose network's lr is lr * pose_lr_scale (read by FSREModule, not by torch).
-    pose_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         require(self._partial_ is True, "_partial_", self._partial_,
                 "true: FSREModule calls the optimiser with its parameter groups")
         check_number("lr", self.lr, lo=0, strict=True)
-        check_number("pose_lr_scale", self.pose_lr_scale, lo=0, strict=True)
         check_number("eps", self.eps, lo=0, strict=True)
         check_number("weight_decay", self.weight_decay, lo=0)
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
@@ -164,13 +160,10 @@ class AdamWConfig(AdamConfig):
 class _SchedulerConfig:
     _target_: str = MISSING
     _partial_: bool = True
-    # A linear lr ramp over the first N steps (read by FSREModule; 0 = none, the paper's).
-    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         require(self._partial_ is True, "_partial_", self._partial_,
                 "true: FSREModule calls the scheduler with its optimiser")
-        check_int("warmup_steps", self.warmup_steps, lo=0)
 
 
 @dataclass(kw_only=True)

@@ -25,9 +25,10 @@ once per evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -166,82 +167,60 @@ class KittiDataConfig:
                     getattr(self, key), "the name of a split file <name>_files.txt")
 
 
+def data_config(schema: type, **values: Any) -> Any:
+    """`schema(**values)` with paths as strings, sequences as lists and the nested synthetic
+    node as its dataclass: what a data module keeps as `config`."""
+    values = arguments(values)
+    values.update({k: str(v) for k, v in values.items() if isinstance(v, os.PathLike)})
+    synthetic = values.get("synthetic")
+    if isinstance(synthetic, Mapping):
+        values["synthetic"] = SyntheticConfig(**synthetic)
+    return schema(**values)
+
+
 class KittiDataModule(pl.LightningDataModule):
     """KITTI raw or the built-in synthetic scenes (same layout), validated before training.
 
-    The arguments are `KittiDataConfig`'s (its rules apply to direct calls too). `synthetic`
-    (a dict of `generate_synthetic_kitti` arguments) makes `prepare_data` generate the scenes
-    into `root` on first use.
+    `root` and `split_dir` locate the files; every other option is a `KittiDataConfig` field,
+    with its default and rules (direct calls are checked as configs are). `synthetic` (a dict
+    of `generate_synthetic_kitti` arguments) makes `prepare_data` generate the scenes into
+    `root` on first use. `config` holds the checked options.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        split_dir: str | os.PathLike[str],
-        height: int = 192,
-        width: int = 640,
-        frame_ids: Sequence[int] = (0, -1, 1),
-        batch_size: int = 12,
-        num_workers: int = 4,
-        img_ext: str = "auto",
-        label_dir: str | os.PathLike[str] | None = None,
-        use_labels: bool = True,
-        label_format: str = "train_ids",
-        flip_prob: float = 0.5,
-        jitter_prob: float = 0.5,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        saturation: float = 0.2,
-        hue: float = 0.1,
-        intrinsics: Sequence[float] = KITTI_INTRINSICS,
-        val_gt_file: str | os.PathLike[str] | None = None,
-        test_gt_file: str | os.PathLike[str] | None = None,
-        eval_crop: str = "garg",
-        min_depth_eval: float = 1e-3,
-        max_depth_eval: float = 80.0,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str = "test",
-        synthetic: dict[str, Any] | None = None,
-        pin_memory: bool = True,
-        frame_cache: bool = False,
-        cache_dir: str | os.PathLike[str] | None = None,
-        cache_workers: int = 0,
-        label_source: str = "files",
-        allow_missing_labels: bool = False,
-        on_error: str = "skip",
-        eval_on_error: str = "raise",
-    ) -> None:
+    def __init__(self, root: str | os.PathLike[str], split_dir: str | os.PathLike[str],
+                 **options: Any) -> None:
         super().__init__()
-        KittiDataConfig(**{**arguments(locals()),
-                           "synthetic": SyntheticConfig(**synthetic) if synthetic else None})
-        self.root = Path(root)
-        self.split_dir = Path(split_dir)
-        self.label_dir = Path(label_dir) if label_dir else self.root / "segmentation"
-        self.height, self.width = height, width
-        self.frame_ids = [int(f) for f in frame_ids]
-        self.batch_size, self.num_workers = batch_size, num_workers
+        # Defaults and rules written once, in KittiDataConfig (options are its other fields).
+        self.config = cfg = data_config(KittiDataConfig, root=root, split_dir=split_dir,
+                                         **options)
+        self.root = Path(cfg.root)
+        self.split_dir = Path(cfg.split_dir)
+        self.label_dir = Path(cfg.label_dir) if cfg.label_dir else self.root / "segmentation"
+        self.height, self.width = cfg.height, cfg.width
+        self.frame_ids = [int(f) for f in cfg.frame_ids]
+        self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers
         self._loaders: list[DataLoader] = []  # to shut their workers down at teardown
-        self.img_ext, self.use_labels, self.label_format = img_ext, use_labels, label_format
-        self.flip_prob = flip_prob
-        self.intrinsics = tuple(intrinsics)
-        self.jitter = FrameConsistentColorJitter(brightness, contrast, saturation, hue,
-                                                 p=jitter_prob)
-        self.gt_files = {"val": val_gt_file, "test": test_gt_file}
-        self.eval_crop = eval_crop
-        self.min_depth_eval, self.max_depth_eval = min_depth_eval, max_depth_eval
-        self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.synthetic = dict(synthetic) if synthetic else None
-        self.pin_memory = pin_memory
-        self.frame_cache = frame_cache
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root / "cache"
-        self.cache_workers = cache_workers
-        self.label_source = label_source
-        self.allow_missing_labels = allow_missing_labels
+        self.img_ext, self.use_labels = cfg.img_ext, cfg.use_labels
+        self.label_format = cfg.label_format
+        self.flip_prob = cfg.flip_prob
+        self.intrinsics = tuple(cfg.intrinsics)
+        self.jitter = FrameConsistentColorJitter(cfg.brightness, cfg.contrast, cfg.saturation,
+                                                 cfg.hue, p=cfg.jitter_prob)
+        self.gt_files = {"val": cfg.val_gt_file, "test": cfg.test_gt_file}
+        self.eval_crop = cfg.eval_crop
+        self.min_depth_eval, self.max_depth_eval = cfg.min_depth_eval, cfg.max_depth_eval
+        self.splits = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+        self.synthetic = dataclasses.asdict(cfg.synthetic) if cfg.synthetic else None
+        self.pin_memory = cfg.pin_memory
+        self.frame_cache = cfg.frame_cache
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.root / "cache"
+        self.cache_workers = cfg.cache_workers
+        self.label_source = cfg.label_source
+        self.allow_missing_labels = cfg.allow_missing_labels
         self.datasets: dict[str, KittiDataset] = {}
         # Files met unreadable after setup's checks: train follows on_error, val/test
         # eval_on_error (raise by default: metrics must never silently cover fewer frames).
-        self.on_error, self.eval_on_error = on_error, eval_on_error
+        self.on_error, self.eval_on_error = cfg.on_error, cfg.eval_on_error
         self.bad_files: set[str] = set()  # reasons (they name the file), each logged once
         self.skipped_samples: set[str] = set()  # split lines ("<folder> <frame> <side>")
 

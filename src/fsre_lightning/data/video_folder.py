@@ -25,6 +25,7 @@ it itself; without, setup stops with that exact command until the labels exist.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,7 +45,7 @@ from fsre_lightning.data import label_caches
 from fsre_lightning.data.array_store import ArrayCache, CacheError
 from fsre_lightning.data.dataset import KittiDataset
 from fsre_lightning.data.frame_cache import cache_name
-from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule
+from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule, data_config
 from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS, camera_folder
 from fsre_lightning.errors import DataError
 
@@ -198,45 +199,35 @@ class VideoFolderDataConfig(KittiDataConfig):
 class VideoFolderDataModule(KittiDataModule):
     """KittiDataModule over ROOT/<sequence>/<frames> (see the module docstring).
 
-    Takes every KittiDataModule argument but `root` means the folder of sequences and
-    `split_dir`/`cache_dir`/`label_dir` default to folders of the work dir.
+    Takes `VideoFolderDataConfig`'s fields: every KittiDataModule option, but `root` means the
+    folder of sequences and `split_dir`/`cache_dir`/`label_dir` default to folders of the work
+    dir.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None,
-                 work_dir: str | os.PathLike[str] = "data_cache/video_folder",
-                 intrinsics: Sequence[float] | None = None,
-                 intrinsics_units: str = "normalized",
-                 val_fraction: float = 0.1,
-                 split_seed: int = 0,
-                 split_dir: str | os.PathLike[str] | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None,
-                 label_dir: str | os.PathLike[str] | None = None,
-                 label_source: str = "predicted",
-                 eval_crop: str = "none",
-                 pseudo_label_model: str | None = None,
-                 pseudo_label_device: str = "auto",
-                 pseudo_label_batch_size: int = 8,
-                 **kwargs: Any) -> None:
-        VideoFolderDataConfig(**checks.arguments(locals()), **checks.arguments(kwargs))
-        assert root is not None and intrinsics is not None  # the rules above say so
-        self.source_root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | None = None, **options: Any) -> None:
+        cfg = data_config(VideoFolderDataConfig, root=root, **options)
+        assert cfg.root is not None and cfg.intrinsics is not None  # its rules say so
+        self.source_root = Path(cfg.root)
         # One work dir per source folder: two data sets never overwrite each other's layout.
         digest = hashlib.sha256(str(self.source_root.resolve()).encode()).hexdigest()[:8]
-        self.work_dir = Path(work_dir) / f"{self.source_root.resolve().name}-{digest}"
-        self.raw_intrinsics = tuple(float(v) for v in intrinsics)
-        self.intrinsics_units = intrinsics_units
-        self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
-        self.pseudo_label_model = pseudo_label_model
-        self.pseudo_label_device = pseudo_label_device
-        self.pseudo_label_batch_size = int(pseudo_label_batch_size)
-        super().__init__(
-            root=self.work_dir / "frames",
-            split_dir=split_dir or self.work_dir / "splits",
-            cache_dir=cache_dir or self.work_dir / "cache",
-            label_dir=label_dir or self.work_dir / "segmentation",
-            label_source=label_source, eval_crop=eval_crop,
-            intrinsics=(1.0, 1.0, 0.5, 0.5),  # replaced by the real ones in `prepare_layout`
-            **kwargs)
+        self.work_dir = Path(cfg.work_dir) / f"{self.source_root.resolve().name}-{digest}"
+        self.raw_intrinsics = tuple(float(v) for v in cfg.intrinsics)
+        self.intrinsics_units = cfg.intrinsics_units
+        self.val_fraction, self.split_seed = float(cfg.val_fraction), int(cfg.split_seed)
+        self.pseudo_label_model = cfg.pseudo_label_model
+        self.pseudo_label_device = cfg.pseudo_label_device
+        self.pseudo_label_batch_size = int(cfg.pseudo_label_batch_size)
+        own = {f.name for f in dataclasses.fields(VideoFolderDataConfig)} - {
+            f.name for f in dataclasses.fields(KittiDataConfig)}
+        kitti = {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k not in own and k != "_target_"}
+        kitti.update(root=self.work_dir / "frames",
+                     split_dir=cfg.split_dir or self.work_dir / "splits",
+                     cache_dir=cfg.cache_dir or self.work_dir / "cache",
+                     label_dir=cfg.label_dir or self.work_dir / "segmentation",
+                     intrinsics=(1.0, 1.0, 0.5, 0.5))  # the real ones: `prepare_layout`
+        super().__init__(**kitti)
+        self.config = cfg
         self._layout_ready = False
 
     def prepare_layout(self) -> None:

@@ -9,7 +9,8 @@ validation and test numbers come from one implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,3 +211,14 @@ class SegmentationIoU(MulticlassJaccardIndex):
 
     def compute(self) -> torch.Tensor:
         return torch.nanmean(super().compute())
+
+
+def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The seven depth metrics (plus mIoU when present) as floats, keyed as the paper's table,
+    from Lightning's logged `val/<key>` values or plain keys."""
+    out = {}
+    for key in REPORTED_METRICS:
+        value = metrics.get(f"val/{key}", metrics.get(key))
+        if value is not None:
+            out[key] = float(value)
+    return out
