@@ -23,12 +23,7 @@ from fsre_lightning.models import (
     build_encoder,
 )
 from fsre_lightning.models.decoder import DECODER_CHANNELS, MonodepthDecoder, skip_sources
-from fsre_lightning.models.encoder import (
-    check_encoder,
-    probe_encoder,
-    select_levels,
-    stack_frame_weights,
-)
+from fsre_lightning.models.encoder import check_encoder, probe_encoder, select_levels
 
 H_IMG, W_IMG = 64, 192
 
@@ -495,8 +490,9 @@ def test_pose_network_takes_other_encoder_families(name: str) -> None:
 
 
 def test_pretrained_multi_frame_stem_of_a_non_resnet(tmp_path: Path) -> None:
-    """The first convolution is found by its shape (ConvNeXt calls it stem.0), repeated per
-    frame and halved; every other weight is the RGB model's."""
+    """timm's in_chans adaptation finds the first convolution of any family (ConvNeXt calls it
+    stem.0) and gives Monodepth2's two-frame stem exactly: repeated per frame and halved;
+    every other weight is the RGB model's."""
     torch.manual_seed(7)
     path = tmp_path / "convnext_atto_random.pth"
     torch.save(timm.create_model("convnext_atto", pretrained=False).state_dict(), path)
@@ -510,8 +506,6 @@ def test_pretrained_multi_frame_stem_of_a_non_resnet(tmp_path: Path) -> None:
     for key in rgb:
         if key not in widened:
             torch.testing.assert_close(two[key], rgb[key], rtol=0, atol=0, msg=key)
-    with pytest.raises(ValueError, match="first convolution"):
-        stack_frame_weights(rgb, rgb, 2)
 
 
 def test_extra_levels_are_left_out_with_out_indices() -> None:

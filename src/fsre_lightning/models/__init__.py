@@ -2,9 +2,10 @@
 
 from fsre_lightning.models.cma import CrossTaskAttention
 from fsre_lightning.models.decoder import MonodepthDecoder
-from fsre_lightning.models.encoder import FeatureEncoder, PretrainedWeightsNotFound, build_encoder
+from fsre_lightning.models.encoder import FeatureEncoder, build_encoder
 from fsre_lightning.models.fsre import FSRENetwork, NetworkConfig
 from fsre_lightning.models.pose import PoseNetwork, PoseNetworkConfig
+from fsre_lightning.models.pretrained import PretrainedWeightsNotFound
 
 __all__ = [
     "CrossTaskAttention",

@@ -9,41 +9,34 @@ ConvNeXt and most hierarchical transformers start at 1/4 and give four. `check_e
 this out before anything is built for real, by building the model and running it once on the
 meta device (no memory, no arithmetic), so an unusable encoder is a one-line config error.
 
-`pretrained=True` takes the weights from, in this order:
-
-1. `weights_path`: a local checkpoint of the *classification* model (timm or torchvision key
-   names, `.pth`/`.bin`/`.safetensors`), handed to timm as
-   `pretrained_cfg_overlay=dict(file=...)`;
-2. the local Hugging Face hub cache (`HF_HUB_CACHE` / `HF_HOME`, default
-   `~/.cache/huggingface/hub`) for the model's `hf_hub_id`, probed with `HF_HUB_OFFLINE=1`;
-3. the torch hub cache (`$TORCH_HOME/hub/checkpoints`) for the model's legacy URL;
-4. a download from the Hugging Face hub into its standard cache (as timm does), unless
-   `HF_HUB_OFFLINE` is set or there is no network.
-
-If none gives the file, `PretrainedWeightsNotFound` names it and says how to provide it.
-`pretrained="auto"` (the demo's setting) never downloads: a local copy or random init.
+ImageNet weights come from `models.pretrained` (a local file, the hub caches, or a download);
+a multi-frame input (the pose network's two frames) is timm's own `in_chans` adaptation, which
+repeats the pretrained first convolution per frame and scales it by 3 / in_chans: for two
+frames exactly Monodepth2's stem (RGB filters duplicated and halved), tested.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.models import get_pretrained_cfg
 from torch import nn
 
-from fsre_lightning.config.checks import check_choice, is_int, require
-from fsre_lightning.errors import DataError, UserError, first_line
+from fsre_lightning.config.checks import is_int, require
+from fsre_lightning.errors import DataError, first_line
+from fsre_lightning.models.pretrained import (
+    PretrainedWeightsNotFound,
+    check_pretrained,
+    hub_offline,
+    weights_file,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -59,9 +52,6 @@ REQUIRED_REDUCTIONS = (4, 8, 16, 32)
 SIZE_DIVISOR = DECODER_REDUCTIONS[-1]
 # The input size of the encoder check (on the meta device, so free): the paper's KITTI size.
 PROBE_SIZE = (192, 640)
-# true: ImageNet weights (downloaded when needed) or an error; false: random init; auto: weights
-# when a local copy exists, else random init with a warning.
-PRETRAINED = (True, False, "auto")
 
 
 def check_image_size(key: str, value: Any) -> None:
@@ -201,107 +191,6 @@ def _probe(name: str) -> FeatureLevels | str:
         return str(err)
 
 
-def check_pretrained(key: str, value: Any) -> None:
-    check_choice(key, value, PRETRAINED)
-
-
-class PretrainedWeightsNotFound(UserError, RuntimeError):  # noqa: N818 - name given by the API
-    """Pretrained weights were asked for but neither a local copy nor a download gives them."""
-
-
-@contextlib.contextmanager
-def _hf_offline() -> Iterator[None]:
-    """Set HF_HUB_OFFLINE=1 for the duration of a cache probe, then restore the environment."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
-
-
-def _hf_cache_dir() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
-        return "~/.cache/huggingface/hub"
-
-
-def _find_cached_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, list[str]]:
-    """Look for the model's weights in the local HF hub and torch hub caches, offline.
-
-    Returns the file (or None) and a human-readable list of the places that were probed.
-    """
-    probed: list[str] = []
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if hub_id:
-        repo_id, _, revision = str(hub_id).partition("@")
-        filename = pretrained_cfg.get("hf_hub_filename")
-        filenames = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover
-            try_to_load_from_cache = None
-        if try_to_load_from_cache is not None:
-            with _hf_offline():
-                for name in filenames:
-                    probed.append(f"HF hub cache {_hf_cache_dir()} : {repo_id}/{name}")
-                    found = try_to_load_from_cache(repo_id, name, revision=revision or None)
-                    if isinstance(found, str) and os.path.isfile(found):
-                        return Path(found), probed
-    url = pretrained_cfg.get("url")
-    if url:
-        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-        probed.append(f"torch hub cache {candidate}")
-        if candidate.is_file():
-            return candidate, probed
-    return None, probed
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _download_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, str]:
-    """Download the model's weights from the Hugging Face hub into its standard cache.
-
-    Returns the file, or None and why not (offline, no network, no such file on the hub).
-    """
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if not hub_id:
-        return None, "the model has no Hugging Face hub id to download from"
-    if _hub_offline():
-        return None, "HF_HUB_OFFLINE is set, so nothing was downloaded"
-    from huggingface_hub import hf_hub_download
-
-    repo_id, _, revision = str(hub_id).partition("@")
-    filename = pretrained_cfg.get("hf_hub_filename")
-    failures = []
-    for name in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
-        try:
-            return Path(hf_hub_download(repo_id, name, revision=revision or None)), ""
-        except Exception as err:  # no network, proxy, 404, ...: each is reported by name
-            failures.append(f"{repo_id}/{name}: {type(err).__name__}: {first_line(err)}")
-    return None, "the download failed (" + "; ".join(failures) + ")"
-
-
-def _not_found(name: str, hub_id: str | None, detail: str) -> PretrainedWeightsNotFound:
-    hint = f" (Hugging Face repo '{hub_id}')" if hub_id else ""
-    return PretrainedWeightsNotFound(
-        f"pretrained=True but the ImageNet weights of encoder '{name}'{hint} are not available: "
-        f"{detail}. On a machine with network access they are downloaded into the Hugging Face "
-        f"cache on first use; offline, provide them with weights_path=<local checkpoint of the "
-        f"timm/torchvision classification model>, or copy that cache ({_hf_cache_dir()}, e.g. "
-        f"after `hf download {hub_id or '<repo>'}` elsewhere), or set pretrained=false to train "
-        f"from scratch"
-    )
-
-
 def _create(name: str, **kwargs: Any) -> nn.Module:
     """timm.create_model with unknown names reported as ValueError naming `encoder`."""
     if ":" in name:
@@ -341,39 +230,20 @@ def create_feature_model(
     download: bool = True,
     out_indices: tuple[int, ...] | None = None,
 ) -> nn.Module:
-    """Build a timm `features_only` model with ImageNet weights from the places the module
-    docstring lists (`download=False`: local files only).
-
-    `in_chans` must be 3 when pretrained (multi-frame inputs are adapted by `build_encoder`);
-    `out_indices` (None: timm's default) picks the feature levels returned.
-    """
+    """Build a timm `features_only` model taking `in_chans` channels, with ImageNet weights
+    (`models.pretrained.weights_file`; `download=False`: local files only) adapted by timm to
+    `in_chans`; `out_indices` (None: timm's default) picks the feature levels returned."""
     selection = {} if out_indices is None else {"out_indices": out_indices}
     if not pretrained:
         if weights_path is not None:
             _logger.warning("weights_path=%s is ignored because pretrained=False", weights_path)
         return reset_norm_layers(_create(name, pretrained=False, in_chans=in_chans, **selection))
-    if in_chans != 3:
-        raise ValueError(f"in_chans={in_chans}: pretrained weights are loaded for 3 channels")
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise _not_found(name, None, f"weights_path={str(path)!r} does not exist")
-    else:
-        known = get_pretrained_cfg(name)
-        cfg = known.to_dict() if known is not None else {}
-        found, probed = _find_cached_weights(cfg)
-        detail = "no local copy (looked in " + ("; ".join(probed) or "no known place") + ")"
-        if found is None and download:
-            found, why = _download_weights(cfg)
-            detail = f"{detail} and {why}"
-        if found is None:
-            raise _not_found(name, cfg.get("hf_hub_id"), detail)
-        path = found
+    path = weights_file(name, weights_path, download)
     _logger.info("Loading ImageNet weights for %s from %s", name, path)
-    with _hf_offline():
+    with hub_offline():
         try:
             return _create(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                           **selection)
+                           in_chans=in_chans, **selection)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError) as err:
             # torch's own message ("retry with weights_only=False") names neither the file nor
             # the model whose weights it should hold.
@@ -417,35 +287,6 @@ class FeatureEncoder(nn.Module):
         return list(self.model((x - INPUT_MEAN) / INPUT_STD))
 
 
-def stack_frame_weights(rgb_state: Mapping[str, torch.Tensor],
-                        model_state: Mapping[str, torch.Tensor], num_input_images: int
-                        ) -> dict[str, torch.Tensor]:
-    """`rgb_state` (weights for 3-channel input) for a model taking `num_input_images` stacked
-    frames: every weight whose input-channel dimension is 3 there and 3 N in `model_state` (the
-    first convolution, whatever the model calls it) goes through `duplicate_first_conv`."""
-    out = dict(rgb_state)
-    widened = [k for k, w in rgb_state.items() if k in model_state
-               and tuple(w.shape) != tuple(model_state[k].shape)]
-    for key in widened:
-        w, want = rgb_state[key], tuple(model_state[key].shape)
-        if w.dim() < 2 or w.shape[1] != 3 or want != (w.shape[0], 3 * num_input_images,
-                                                       *w.shape[2:]):
-            raise ValueError(f"cannot adapt '{key}' {list(w.shape)} to {num_input_images} "
-                             f"stacked frames {list(want)}")
-        out[key] = duplicate_first_conv(w, num_input_images)
-    if not widened:
-        raise ValueError("found no first convolution to adapt to multi-frame input")
-    return out
-
-
-def duplicate_first_conv(weight: torch.Tensor, num_input_images: int) -> torch.Tensor:
-    """Monodepth2's multi-frame stem: repeat RGB filters per frame and divide by the count.
-
-    The response to N identical frames then equals the pretrained response to one frame.
-    """
-    return torch.cat([weight] * num_input_images, dim=1) / num_input_images
-
-
 def build_encoder(
     name: str = "resnet18",
     pretrained: bool | str = False,
@@ -455,8 +296,8 @@ def build_encoder(
 ) -> FeatureEncoder:
     """Feature encoder for FSRE (one image) or the pose network (`num_input_images` frames).
 
-    For several frames the first convolution takes 3 * N channels; pretrained RGB filters are
-    duplicated N times and divided by N (done here, independent of timm's own adaptation).
+    For several frames the first convolution takes 3 * N channels; timm adapts pretrained RGB
+    filters to them (repeated per frame, scaled by 3 / (3 N): Monodepth2's stem for N = 2).
     `pretrained="auto"` loads the weights when a local copy exists and otherwise warns and
     starts from random init; `True` insists (downloading them when it can) and raises
     PretrainedWeightsNotFound without them.
@@ -474,16 +315,6 @@ def build_encoder(
         raise ValueError(f"num_input_images must be >= 1, got {num_input_images}")
     levels = probe_encoder(name)
     assert isinstance(levels, FeatureLevels)  # check_encoder said so
-    select = levels.out_indices
-    if num_input_images == 1:
-        return FeatureEncoder(create_feature_model(
-            name, pretrained, weights_path, download=download, out_indices=select), name)
-    model = create_feature_model(name, pretrained=False, in_chans=3 * num_input_images,
-                                 out_indices=select)
-    encoder = FeatureEncoder(model, name, num_input_images)
-    if pretrained:
-        rgb = create_feature_model(name, True, weights_path, download=download,
-                                   out_indices=select)
-        model.load_state_dict(stack_frame_weights(rgb.state_dict(), model.state_dict(),
-                                                  num_input_images))
-    return encoder
+    model = create_feature_model(name, pretrained, weights_path, in_chans=3 * num_input_images,
+                                 download=download, out_indices=levels.out_indices)
+    return FeatureEncoder(model, name, num_input_images)

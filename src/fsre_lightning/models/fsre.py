@@ -29,13 +29,9 @@ from fsre_lightning.models.decoder import (
     MonodepthDecoder,
     check_scales,
 )
-from fsre_lightning.models.encoder import (
-    SIZE_DIVISOR,
-    build_encoder,
-    check_encoder,
-    check_pretrained,
-)
+from fsre_lightning.models.encoder import SIZE_DIVISOR, build_encoder, check_encoder
 from fsre_lightning.models.layers import first_conv, like_weight
+from fsre_lightning.models.pretrained import check_pretrained
 
 CMA_TARGETS = ("depth", "seg")
 

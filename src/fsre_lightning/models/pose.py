@@ -26,8 +26,9 @@ from torch import nn
 
 from fsre_lightning.config.checks import arguments, check_path, is_number, require
 from fsre_lightning.geometry import transformation_from_parameters
-from fsre_lightning.models.encoder import build_encoder, check_encoder, check_pretrained
+from fsre_lightning.models.encoder import build_encoder, check_encoder
 from fsre_lightning.models.layers import first_conv, like_weight, spatial_mean
+from fsre_lightning.models.pretrained import check_pretrained
 
 # Keeps the initial motion estimates near identity (Monodepth2).
 POSE_SCALE = 0.01
