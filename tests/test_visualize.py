@@ -1,10 +1,10 @@
 import torch
 
+from fsre_lightning.tracking.panels import log_image
 from fsre_lightning.visualize import (
     CITYSCAPES_PALETTE,
     colorize_disparity,
     colorize_segmentation,
-    log_image,
     make_panel,
 )
 

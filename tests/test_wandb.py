@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fsre_lightning.checkpoints import WANDB_RUN_KEY, load_checkpoint_weights_only
+from fsre_lightning.checkpoints import load_checkpoint_weights_only
 from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+from fsre_lightning.tracking.wandb import WANDB_RUN_KEY
 from fsre_lightning.train import continue_wandb_run
 
 

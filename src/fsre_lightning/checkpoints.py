@@ -29,12 +29,11 @@ from fsre_lightning.errors import UserError, first_line
 
 # How many keys of each kind an error message lists before it says "... and N more".
 MAX_KEYS_SHOWN = 8
-# Checkpoint entries beside Lightning's. TRAINING_DATA_KEY: `training_data_entry`. INPUT_SIZE_KEY:
-# the (height, width) alone, as checkpoints imported from a release before TRAINING_DATA_KEY
-# existed hold it. WANDB_RUN_KEY: the wandb run a resumed run continues.
+# Checkpoint entries beside Lightning's (and tracking.wandb's run id). TRAINING_DATA_KEY:
+# `training_data_entry`. INPUT_SIZE_KEY: the (height, width) alone, as checkpoints imported from
+# a release before TRAINING_DATA_KEY existed hold it.
 TRAINING_DATA_KEY = "training_data"
 INPUT_SIZE_KEY = "input_size"
-WANDB_RUN_KEY = "wandb_run_id"
 
 
 def training_data_entry(height: int, width: int, intrinsics: Sequence[float],
@@ -52,15 +51,11 @@ def training_data_entry(height: int, width: int, intrinsics: Sequence[float],
 
 def describe_training(checkpoint: dict[str, Any], trainer: Any, segmentation: bool) -> None:
     """Store in `checkpoint` what it needs to be used alone: the description of the trainer's
-    data (`training_data_entry`) and the id of its wandb run, which a resumed run continues."""
+    data (`training_data_entry`)."""
     data = getattr(trainer, "datamodule", None)
     if data is not None and hasattr(data, "intrinsics"):
         checkpoint[TRAINING_DATA_KEY] = training_data_entry(
             data.height, data.width, data.intrinsics, data.frame_ids, segmentation)
-    for logger in getattr(trainer, "loggers", []):
-        if type(logger).__name__ == "WandbLogger" and logger.version:
-            checkpoint[WANDB_RUN_KEY] = str(logger.version)
-            break
 
 
 class CheckpointMismatchError(UserError, ValueError):

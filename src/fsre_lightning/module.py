@@ -27,6 +27,7 @@ from fsre_lightning.objective import LossConfig, compute_losses
 from fsre_lightning.scoring.metrics import DepthMetrics, SegmentationIoU
 from fsre_lightning.speed import COMPILE_MODES, apply_speed_options, compile_target
 from fsre_lightning.tracking import panels
+from fsre_lightning.tracking.wandb import store_run_id
 
 
 @dataclass(kw_only=True)
@@ -331,6 +332,7 @@ class FSREModule(pl.LightningModule):
         # (best-*.ckpt), and every checkpoint must be usable without its run folder.
         if self._trainer is not None:
             describe_training(checkpoint, self._trainer, self.has_segmentation)
+            store_run_id(checkpoint, self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resume (Trainer.fit(ckpt_path)) and load_from_checkpoint both pass here before the

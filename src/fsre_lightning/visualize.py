@@ -1,9 +1,9 @@
-"""Colour maps and image panels: the one place logging, prediction and reports draw pictures."""
+"""Colour maps and image panels: the one place logging, prediction and reports draw pictures
+(`tracking.panels` sends them to the loggers)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -114,15 +114,3 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8(image)).save(path)
     return path
-
-
-def log_image(logger: Any, key: str, image: torch.Tensor, step: int, fallback_dir: Path | None
-              ) -> None:
-    """Send one panel to whichever logger is on: wandb, TensorBoard, or PNG files for CSV/none."""
-    experiment = getattr(logger, "experiment", None) if logger is not None else None
-    if logger is not None and hasattr(logger, "log_image"):
-        logger.log_image(key=key, images=[to_uint8(image)], step=step)
-    elif experiment is not None and hasattr(experiment, "add_image"):
-        experiment.add_image(key, image.clamp(0, 1), global_step=step)
-    elif fallback_dir is not None:
-        save_image(image, Path(fallback_dir) / f"{key.replace('/', '_')}_{step:07d}.png")

@@ -1,5 +1,5 @@
 """Image panels of training and validation (input, disparity, segmentation, an error or mask
-row), sent to whichever logger is on (`visualize.log_image`)."""
+row), sent to whichever logger is on (`log_image`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from fsre_lightning.visualize import (
     colorize_disparity,
     colorize_error,
     colorize_segmentation,
-    log_image,
     make_panel,
+    save_image,
+    to_uint8,
 )
 
 
@@ -51,3 +52,15 @@ def log_panel(module: Any, key: str, batch: Mapping[str, Any], outputs: Mapping[
                     else extra[:n])
     log_dir = Path(trainer.default_root_dir) / "images"
     log_image(module.logger, key, make_panel(rows), module.global_step, log_dir)
+
+
+def log_image(logger: Any, key: str, image: torch.Tensor, step: int, fallback_dir: Path | None
+              ) -> None:
+    """Send one panel to whichever logger is on: wandb, TensorBoard, or PNG files for CSV/none."""
+    experiment = getattr(logger, "experiment", None) if logger is not None else None
+    if logger is not None and hasattr(logger, "log_image"):
+        logger.log_image(key=key, images=[to_uint8(image)], step=step)
+    elif experiment is not None and hasattr(experiment, "add_image"):
+        experiment.add_image(key, image.clamp(0, 1), global_step=step)
+    elif fallback_dir is not None:
+        save_image(image, Path(fallback_dir) / f"{key.replace('/', '_')}_{step:07d}.png")

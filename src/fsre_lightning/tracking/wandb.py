@@ -17,11 +17,21 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from rich.console import Console
 
-from fsre_lightning.checkpoints import WANDB_RUN_KEY
 from fsre_lightning.scoring.metrics import REPORTED_METRICS
 from fsre_lightning.sweeps.context import HydraCallback
 
 log = logging.getLogger(__name__)
+
+# The checkpoint entry holding the wandb run id, which a resumed run continues.
+WANDB_RUN_KEY = "wandb_run_id"
+
+
+def store_run_id(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """Record the trainer's wandb run id in `checkpoint` (if it logs to wandb)."""
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, _LightningWandbLogger) and logger.version:
+            checkpoint[WANDB_RUN_KEY] = str(logger.version)
+            return
 
 
 class WandbLogger(_LightningWandbLogger):
