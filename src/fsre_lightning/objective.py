@@ -152,9 +152,9 @@ def compute_losses(
             disp = disps[s]
             if recompute and torch.is_grad_enabled():
                 # The warps and SSIM maps of a scale are ~60 full-resolution images; keeping them
-                # for backward is most of the loss's memory (~15% of the step's peak RSS at
-                # 96 x 320). Saving only the disparity and poses and recomputing that part in
-                # backward costs one more pass of it (a few % of a step on CPU).
+                # for backward is most of the loss's memory. Saving only the disparity and poses
+                # and recomputing that part in backward costs one more pass of it (figures:
+                # benchmarks/README.md).
                 maps = checkpoint(reprojection_maps, disp, stacked_transforms, use_reentrant=False)
             else:
                 maps = reprojection_maps(disp, stacked_transforms)

@@ -64,7 +64,7 @@ def apply_speed_options(net: torch.nn.Module, pose_net: torch.nn.Module,
         net.compile(mode=mode)
         pose_net.compile(mode=mode)
     # The photometric maps (SSIM + L1 of every source at every scale) are element-wise work
-    # bound by memory traffic; Inductor fuses them into a few loops (2.4x on CPU).
+    # bound by memory traffic; Inductor fuses them into a few loops.
     photometric = (torch.compile(photometric_losses) if compile_loss and target != "step"
                    else photometric_losses)
     # The whole training step (networks, warps, every loss term) as one graph: Inductor fuses

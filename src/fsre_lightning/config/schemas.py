@@ -135,7 +135,7 @@ class AdamConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     amsgrad: bool = False
-    # One kernel for all of the update (same formula): ~3x faster than the loop on CPU.
+    # One kernel for all of the update (same formula; benchmarks/README.md "Options").
     fused: bool | None = None
 
     def __post_init__(self) -> None:

@@ -22,8 +22,8 @@ def shift_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     The same result as torchvision's / kornia's adjust_hue (RGB -> HSV, shift, HSV -> RGB) up
     to float rounding, without building the HSV image: value and chroma do not change under a
     hue rotation, so each channel is v - c * clamp(min(k, 4 - k), 0, 1) with
-    k = (n + hue_in_sextants) mod 6 and n = 5, 3, 1 for red, green, blue. About 4x fewer
-    passes over the image than the round trip, which matters on CPU.
+    k = (n + hue_in_sextants) mod 6 and n = 5, 3, 1 for red, green, blue: a fraction of the
+    passes over the image of the round trip, which matters on CPU.
     """
     r, g, b = x.unbind(-3)
     v = x.amax(-3)
@@ -95,7 +95,7 @@ class FrameConsistentColorJitter(nn.Module):
     probability p), and all F frames of the sample get exactly that transform, as Monodepth2
     does: the photometric loss compares frames, so they must be jittered alike. kornia's
     ColorJitter draws the parameters; `apply_color_jitter` applies its formulas to all frames
-    at once (the same output as kornia's own transform, several times faster on CPU).
+    at once (the same output as kornia's own transform, in fewer passes over the images).
     """
 
     def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2,

@@ -137,9 +137,9 @@ def stack(values: list[torch.Tensor]) -> torch.Tensor:
     """`torch.stack`; in a DataLoader worker, straight into shared memory.
 
     A worker hands each batch to the main process in shared memory: a batch stacked in private
-    memory is copied once more on the way out. At 192 x 640 x 12 a worker spent 9.5 CPU ms per
-    sample with that copy and 6.8 to 7.8 ms without (benchmarks/README.md, "Keeping the GPU
-    fed"). `UntypedStorage._new_shared` is how PyTorch's own default collate does it.
+    memory is copied once more on the way out (the cost per sample, with and without:
+    benchmarks/README.md, "Keeping the GPU fed"). `UntypedStorage._new_shared` is how
+    PyTorch's own default collate does it.
     """
     if get_worker_info() is None:
         return torch.stack(values)

@@ -1,19 +1,9 @@
 """KITTI raw (and the synthetic scenes, which share its layout) as a LightningDataModule.
 
-Batch layout (what FSREModule reads; docs/design.md section 4.1):
-
-- ``frames``: float B x F x 3 x H x W in [0, 1], frames in ``frame_ids`` order (frame 0 first),
-  never colour-jittered: these are the images of the photometric loss.
-- ``frames_aug``: the same with colour jitter while training (added on the device in
-  ``on_after_batch_transfer``); equal to ``frames`` otherwise.
-- ``K``, ``inv_K``: float B x 4 x 4 pixel intrinsics at (height, width), after any flip.
-- ``labels``: long B x H x W pseudo-label train ids of frame 0 (255 void), when ``use_labels``.
-- ``depth_gt``: float B x 1 x Hg x Wg metric ground truth (0 = none), zero-padded to the
-  largest in the batch, and ``gt_size``: long B x 2 true sizes; val/test with a GT file only.
-- ``index``: long B, the line of the split file; ``name``: list of "<folder> <frame> <side>".
-- ``skipped``: (name, reason) of the samples dropped from this batch as unreadable
-  (``on_error=skip``), and ``num_skipped``: samples dropped so far in this run (both only
-  when some were; a batch of only unreadable samples has no ``frames``).
+The batch it serves (what FSREModule reads) is documented once, in docs/design.md section 4.1:
+``frames`` (never jittered), ``frames_aug`` (jittered on the device while training), ``K`` and
+``inv_K``, ``labels``, ``depth_gt`` and ``gt_size``, ``index``, ``name``, ``skipped`` and
+``num_skipped``.
 
 Files: the KITTI raw layout of `fsre_lightning.data.kitti_layout`. Input pipeline: with
 ``frame_cache`` the train and val splits are decoded and resized once into memory-mapped uint8

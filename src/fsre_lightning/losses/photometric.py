@@ -4,10 +4,8 @@
   C1 = 0.01**2, C2 = 0.03**2, returned as the per-pixel dissimilarity clamp((1 - SSIM) / 2, 0, 1).
   (kornia's own `kornia.metrics.ssim` uses a Gaussian window and gives different numbers.)
 - `box_filter3x3` is that window. It sums shifted slices instead of calling a depthwise
-  convolution (`kornia.filters.box_blur`, same values): on CPU the depthwise convolution of
-  a few channels was ~11 % of a training step; for 8 x 9 x 96 x 320 the slice sums take 5 ms
-  instead of 18 to 26 ms forward, 18 ms instead of 32 to 65 ms forward + backward
-  (benchmarks/README.md).
+  convolution (`kornia.filters.box_blur`, same values), which on CPU is a slow depthwise
+  convolution of a few channels (figures: benchmarks/README.md, "Work removed from the step").
 - `photometric_loss` mixes it with L1: alpha * SSIM-term + (1 - alpha) * |I - I_hat|, both
   averaged over colour channels, one value per pixel.
 - `min_reprojection_loss` takes the per-pixel minimum over warped and (noise-tie-broken)

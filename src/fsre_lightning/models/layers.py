@@ -36,8 +36,8 @@ def reflection_pad_nhwc(x: torch.Tensor) -> torch.Tensor:
 
 def reflection_pad(x: torch.Tensor) -> torch.Tensor:
     """`F.pad(x, (1, 1, 1, 1), mode="reflect")` that keeps a channels_last input channels_last."""
-    # Eager on the CPU, reflection_pad2d has its own NHWC kernel, about 3x faster in backward
-    # than the 5-D route (docs/design.md, "Channels-last").
+    # Eager on the CPU, reflection_pad2d has its own NHWC kernel, faster in backward than the
+    # 5-D route (docs/design.md, "Channels-last").
     if is_channels_last(x) and (x.device.type != "cpu" or torch.compiler.is_compiling()):
         return reflection_pad_nhwc(x)
     return F.pad(x, (1, 1, 1, 1), mode="reflect")
