@@ -16,7 +16,6 @@ are printed (the paper's table row) and written as JSON.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from fsre_lightning.data.kitti import KittiDataModule
 from fsre_lightning.data.kitti_layout import GT_FILE_NAMES
 from fsre_lightning.errors import DataError
 from fsre_lightning.hydra_entry import hydra_command
-from fsre_lightning.runtime import resolve_device
+from fsre_lightning.runtime import resolve_device, write_json
 from fsre_lightning.scoring.eigen import (
     evaluate_depth,
     evaluate_segmentation,
@@ -121,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics_path = (Path(cfg.metrics_path) if cfg.get("metrics_path")
                     else default_metrics_path(ckpt_path, datamodule.split_dir, cfg.post_process))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(results, indent=2))
+    write_json(metrics_path, results)
     print_report(results)
     print(f"metrics written to {metrics_path}")
     return results

@@ -250,8 +250,8 @@ class FSREModule(pl.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
         every = self.config.image_log_every_n_steps
         if every and self.global_step % every == 0:
-            panels.log_panel(self, "train/panel", batch, outputs, losses.get("automask"),
-                             self.config.num_panel_images)
+            panels.log_panel(self, "train/panel", batch, outputs,
+                             self.config.num_panel_images, automask=losses.get("automask"))
         self._log_skipped(batch)
         return losses["total"]
 
@@ -304,9 +304,8 @@ class FSREModule(pl.LightningModule):
         if self.has_segmentation and "labels" in batch:
             self.val_miou.update(outputs["seg_logits"].argmax(1), batch["labels"])
         if batch_idx == 0:
-            error = panels.error_map(scaled_disp, batch) if "depth_gt" in batch else None
-            panels.log_panel(self, "val/panel", batch, outputs, error,
-                             self.config.num_panel_images)
+            panels.log_panel(self, "val/panel", batch, outputs, self.config.num_panel_images,
+                             scaled_disp=scaled_disp)
 
     def on_validation_epoch_end(self) -> None:
         # Without ground truth (video folders) no batch updated the depth metrics: nothing to
@@ -315,6 +314,10 @@ class FSREModule(pl.LightningModule):
         metrics = self.val_depth.compute() if self.val_depth.update_count > 0 else {}
         for key, value in metrics.items():
             self.log(f"val/{key}", value.float(), prog_bar=key == "abs_rel")
+        if "abs_rel" in metrics:
+            # TensorBoard's hparams view ranks runs by hp_metric (its logger's -1 placeholder is
+            # off in conf/logger/tensorboard.yaml).
+            self.log("hp_metric", metrics["abs_rel"].float())
         if self.has_segmentation and self.val_miou.update_count > 0:
             self.log("val/miou", self.val_miou.compute())
         self.val_depth.reset()

@@ -11,7 +11,9 @@ status.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -201,3 +203,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def strict_json(data: Any) -> str:
+    """`data` as strict JSON (indented): NaN and infinities, which Python's json writes as the
+    non-standard NaN/Infinity that strict parsers reject, become null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `strict_json(data)` to `path`, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(strict_json(data) + "\n")
+    return path

@@ -12,7 +12,6 @@ saves checkpoints/last.ckpt and exits with PREEMPTED_EXIT_CODE and the command t
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import signal
@@ -51,6 +50,7 @@ from fsre_lightning.runtime import (
     check_accelerator,
     instantiate,
     run_or_exit,
+    write_json,
 )
 from fsre_lightning.scoring.metrics import REPORTED_METRICS, metric_summary
 from fsre_lightning.sweeps.context import is_sweep_member, launches_members_here, member_context
@@ -237,7 +237,9 @@ def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
     log_run_config(trainer, cfg)
     results: dict[str, Any] = {}
     if cfg.get("eval_before"):
-        results["before"] = metric_summary(trainer.validate(module, datamodule=datamodule)[0])
+        # verbose=False: the run prints one table of its own at the end (print_metrics).
+        before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        results["before"] = metric_summary(before)
     fit_kwargs: dict[str, Any] = {}
     if "weights_only" in inspect.signature(trainer.fit).parameters:
         # Checkpoints hold tensors and plain types only: no pickled code runs on resume.
@@ -255,17 +257,22 @@ def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
                  if isinstance(cb, CheckpointOnInterrupt) and cb.path.is_file()]
         hint = resume_hint(saved[0] if saved else None, cfg.name)
         raise PreemptedError(f"preempted (SIGTERM) at step {trainer.global_step}; {hint}") from err
-    # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state.
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)
-    after = trainer.validate(module, datamodule=datamodule)[0]
+    # A run that stops mid-epoch (max_steps) has not hit a checkpoint trigger: keep its end state
+    # (final_checkpoint: full, resumable; weights, a third of the size; none).
+    last: Path | None = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.final_checkpoint == "none":
+        last = None
+    else:
+        trainer.save_checkpoint(last, weights_only=cfg.final_checkpoint == "weights")
+    after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     results["after"] = metric_summary(after)
     monitor = "val/abs_rel" if datamodule.has_val_gt else "val/loss"
     results["monitor"] = {"name": monitor, "value": float(after.get(monitor, math.nan))}
 
     best = [cb.best_model_path for cb in trainer.checkpoint_callbacks
             if getattr(cb, "monitor", None) and getattr(cb, "best_model_path", "")]
-    results["checkpoints"] = {"last": str(last), "best": best[0] if best else None}
+    results["checkpoints"] = {"last": str(last) if last else None,
+                              "best": best[0] if best else None}
     results["global_step"] = trainer.global_step
     results["resumed_from"] = str(ckpt_path) if ckpt_path else None
     return results
@@ -274,13 +281,12 @@ def fit_and_validate(cfg: DictConfig, trainer: pl.Trainer, module: FSREModule,
 def write_results(cfg: DictConfig, trainer: pl.Trainer, results: dict[str, Any]) -> None:
     """metrics.json, the summary file, the printed table and hints; closes the loggers."""
     run_dir = Path(cfg.paths.run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "metrics.json", results)
 
     summary = {k: results[k] for k in ("before", "after") if k in results}
     summary_path = cfg.get("summary_path")
     if summary_path:
-        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(summary_path).write_text(json.dumps(summary, indent=2))
+        write_json(summary_path, summary)
     print_metrics(summary, "validation metrics")
     Console().print(f"run folder: {run_dir}", soft_wrap=True)
     print_wandb_sync_hint(trainer)

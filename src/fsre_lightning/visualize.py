@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from kornia.color import ColorMap, apply_colormap
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from fsre_lightning.cityscapes import PALETTE, VOID
 
@@ -34,7 +34,7 @@ def colorize_disparity(
     """
     if disp.dim() != 4 or disp.shape[1] != 1:
         raise ValueError(f"disp must be B x 1 x H x W, got shape {tuple(disp.shape)}")
-    disp = disp.detach().float()
+    disp = disp.detach().float().nan_to_num(0.0, posinf=0.0, neginf=0.0)
     flat = disp.flatten(1)
     vmax = torch.quantile(flat, percentile / 100.0, dim=1).clamp_min(1e-8)
     vmin = flat.min(dim=1).values
@@ -44,7 +44,7 @@ def colorize_disparity(
 
 def colorize_error(error: torch.Tensor, vmax: float | None = None) -> torch.Tensor:
     """B x 1 x H x W non-negative error (0 where undefined) -> B x 3 x H x W colours."""
-    error = error.detach().float()
+    error = error.detach().float().nan_to_num(0.0, posinf=0.0, neginf=0.0)
     top = vmax if vmax is not None else float(error.max().clamp_min(1e-8))
     return apply_colormap((error / top).clamp(0, 1), _colormap("turbo", error.device))
 
@@ -86,20 +86,54 @@ def side_by_side(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=-1).clamp(0, 1)
 
 
-def make_panel(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack same-width B x 3 x H x W images vertically, per sample, then samples side by side.
+# Labelled panels: the width of the row-label column and the gap between samples, in pixels.
+_LABEL_WIDTH = 190
+_GAP = 2
 
-    Returns a single 3 x H_total x W_total image, the shape loggers expect.
-    """
-    width = rows[0].shape[-1]
-    resized = []
-    for r in rows:
-        r = r.detach().float().cpu()
-        if r.shape[-1] != width:
-            r = torch.nn.functional.interpolate(r, size=(r.shape[-2] * width // r.shape[-1], width))
-        resized.append(r)
-    per_sample = torch.cat(resized, dim=2)
-    return torch.cat(list(per_sample), dim=2).clamp(0, 1)
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def labelled_panel(rows: list[tuple[str, torch.Tensor]],
+                   colour_bar: tuple[str, float, float] | None = None) -> torch.Tensor:
+    """One 3 x H x W image of labelled rows: each row's B x 3 x h x w images side by side
+    (resized to the first row's size), its label on the left; with `colour_bar` = (colour map,
+    low, high), a scale of that map under the rows, its ends labelled."""
+    height, width = rows[0][1].shape[-2:]
+    count = rows[0][1].shape[0]
+    row_h = max(height, 18)
+    total_w = _LABEL_WIDTH + count * (width + _GAP)
+    bar_h = 34 if colour_bar else 0
+    canvas = Image.new("RGB", (total_w, len(rows) * (row_h + _GAP) + bar_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
+    for r, (label, images) in enumerate(rows):
+        images = images.detach().float().cpu().nan_to_num(0.0)
+        if tuple(images.shape[-2:]) != (height, width):
+            images = torch.nn.functional.interpolate(images, size=(height, width), mode="nearest")
+        top = r * (row_h + _GAP)
+        draw.text((4, top + row_h // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+        for i in range(min(count, images.shape[0])):
+            tile = Image.fromarray(to_uint8(images[i]))
+            canvas.paste(tile, (_LABEL_WIDTH + i * (width + _GAP), top))
+    if colour_bar:
+        name, low, high = colour_bar
+        ramp = torch.linspace(0, 1, count * width).view(1, 1, 1, -1).expand(1, 1, 10, -1)
+        strip = apply_colormap(ramp, _colormap(name, ramp.device))[0]
+        top = len(rows) * (row_h + _GAP)
+        canvas.paste(Image.fromarray(to_uint8(strip)), (_LABEL_WIDTH, top + 4))
+        draw.text((4, top + 9), "error scale", fill=(0, 0, 0), font=font, anchor="lm")
+        for value, x, anchor in ((low, _LABEL_WIDTH, "la"),
+                                 ((low + high) / 2, _LABEL_WIDTH + count * width // 2, "ma"),
+                                 (high, _LABEL_WIDTH + count * width, "ra")):
+            text = f"{value:g}" + ("+" if value == high else "")
+            draw.text((x, top + 16), text, fill=(0, 0, 0), font=font, anchor=anchor)
+    array = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+    return array.float() / 255.0
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -35,6 +35,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed",
               "bf16", "16-true", "bf16-true")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # or cuda:<index>
+# train's final_checkpoint: what checkpoints/last.ckpt holds at the end of training.
+FINAL_CHECKPOINTS = ("full", "weights", "none")
 
 
 def _batches(key: str, value: Any, lo: int) -> None:
@@ -242,11 +244,13 @@ class TrainConfig(_Entry):
     init_weights: str | None = MISSING
     summary_path: str | None = MISSING
     effective_batch_size: int | None = MISSING
+    final_checkpoint: str = MISSING
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and bool(self.name), "name", self.name,
                 "a non-empty string (the run folder outputs/<name>/...)")
         check_int("effective_batch_size", self.effective_batch_size, lo=1, nullable=True)
+        check_choice("final_checkpoint", self.final_checkpoint, FINAL_CHECKPOINTS)
         for key in ("ckpt_path", "init_weights", "summary_path"):
             check_path(key, getattr(self, key), nullable=True)
         # ckpt_path=auto goes with init_weights: a requeued job resumes, the first initialises.
