@@ -86,6 +86,16 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
+def command_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path, made the data and output folder of commands run in-process
+    (`fsre_lightning.<command>.main(argv)`) by the environment `cli_env` gives a subprocess."""
+    for key, value in command_env(tmp_path).items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    return tmp_path
+
+
+@pytest.fixture
 def command(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
     """command(name, args, env=cli_env, timeout=600): `python -m fsre_lightning.<name>`."""
 

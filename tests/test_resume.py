@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from fsre_lightning import train
 from fsre_lightning.callbacks import RunCheckpoint
 from fsre_lightning.checkpoints import (
     AtomicCheckpointIO,
@@ -31,16 +32,20 @@ from fsre_lightning.checkpoints import (
 from fsre_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from fsre_lightning.module import FSREModule
 from fsre_lightning.runtime import CONFIG_DIR, PREEMPTED_EXIT_CODE
+from fsre_lightning.testing import command_env
 from fsre_lightning.train import resolve_ckpt_path
 
-# The tiny synthetic world of test_train_cli, the Monodepth2 baseline (the cheapest model; the
-# resume machinery does not depend on it), flips and colour jitter on (the data defaults),
-# epochs of three steps so that runs cross an epoch boundary, no best-checkpoint saves.
+# The tiny synthetic world of test_train_cli, the Monodepth2 baseline with timm's tiny test
+# ResNet in both networks (the cheapest model; the resume machinery does not depend on it),
+# flips and colour jitter on (the data defaults), epochs of three steps so that runs cross
+# epoch boundaries, no best-checkpoint saves.
 TINY = [
     "data=synthetic",
     "model.network.pretrained=false",
     "logger=csv",
     "model=monodepth2",
+    "model.network.encoder=test_resnet",
+    "model.pose_network.encoder=test_resnet",
     "data.height=64",
     "data.width=192",
     "data.batch_size=2",
@@ -79,21 +84,6 @@ def env(module_tmp: Callable[[str], Path]) -> dict[str, str]:
 
 def _command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "fsre_lightning.train", *TINY, *args]
-
-
-def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(args), env=env, capture_output=True, text=True, timeout=600)
-
-
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(_command(args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-3000:]
-    return output
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -138,176 +128,149 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b, (where, a, b)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(
-        env: dict[str, str]) -> None:
-    outputs = Path(env["FSRE_OUTPUT_DIR"])
-    common = ["trainer.max_steps=4", "callbacks.last_checkpoint.every_n_train_steps=2"]
-    straight = outputs / "straight" / "run"
-    first = outputs / "interrupted" / "first"
-    second = outputs / "interrupted" / "second"
-    uninterrupted = _start([*common, "name=straight", f"hydra.run.dir={straight}"], env)
-    try:
-        # Killed (no chance to save anything) after the step-2 checkpoint: mid-epoch, two of
-        # the epoch's three batches consumed; the resumed run then validates at the epoch's
-        # end and starts epoch 1.
-        proc = _start([*common, "name=interrupted", f"hydra.run.dir={first}"], env)
-        try:
-            step = _wait_for_checkpoint(proc, first / "checkpoints" / "last.ckpt", 2)
-            assert proc.poll() is None, "the run finished before it could be killed"
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.communicate(timeout=60)
-        assert step == 2
-        _finish(_start([*common, "name=interrupted", "ckpt_path=last",
-                        f"hydra.run.dir={second}"], env))
-        _finish(uninterrupted)
-    finally:
-        uninterrupted.kill()
-    resumed_cfg = OmegaConf.load(second / "config.yaml")
-    assert resumed_cfg.ckpt_path == str(first / "checkpoints" / "last.ckpt")
-
-    expected = _load(straight / "checkpoints" / "last.ckpt")
-    got = _load(second / "checkpoints" / "last.ckpt")
-    assert got["global_step"] == expected["global_step"] == 4
-    assert got["epoch"] == expected["epoch"]
-    _assert_same(expected["state_dict"], got["state_dict"], "state_dict")
-    _assert_same(expected["optimizer_states"], got["optimizer_states"], "optimizer_states")
-    _assert_same(expected["lr_schedulers"], got["lr_schedulers"], "lr_schedulers")
-
-    # Weights-only loading of our checkpoints, as evaluate.py and fine-tuning do.
-    module = FSREModule.load_from_checkpoint(second / "checkpoints" / "last.ckpt",
-                                             map_location="cpu", weights_only=True)
-    assert not module.has_segmentation
-    _discard(straight.parent, first.parent)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_last_checkpoint_and_exits_with_a_resume_hint(
-        env: dict[str, str]) -> None:
-    run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "preempted" / "run"
-    proc = subprocess.Popen(
-        _command(["trainer.max_steps=1000", "callbacks.last_checkpoint.every_n_train_steps=1",
-                  "name=preempted", f"hydra.run.dir={run_dir}"]),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    try:
-        step = _wait_for_checkpoint(proc, last, 1)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
-    assert "preempted (SIGTERM)" in stderr and f"ckpt_path={last}" in stderr
-    assert "Traceback" not in stderr
-    assert int(_load(last)["global_step"]) >= step
-    assert not list(last.parent.glob("*.tmp"))
-    _discard(run_dir)
-
-
-# ---------------------------------------------------------- signals to the process group
-# Two epochs of three steps, two DataLoader workers (the cluster case), a checkpoint after
-# every step (so an external kill has something to wait for).
-WORKERS = ["data.num_workers=2", "trainer.max_steps=6", "trainer.max_epochs=2",
-           "callbacks.last_checkpoint.every_n_train_steps=1"]
+# ------------------------------------------------------------------ a chain of interruptions
+# Six epochs of three steps, two DataLoader workers (the cluster case). The uninterrupted
+# reference and one chain of runs, each resuming where the previous one stopped: every stop
+# asserts its exit status, its one-line message and a complete last.ckpt at the step where
+# the run had to stop; the chain's end is compared with the reference once. Stopping and
+# resuming again from a resumed run is the harder case: a state that a stop or a resume got
+# wrong is carried to the end.
+WORKERS = ["data.num_workers=2", "trainer.max_steps=18", "trainer.max_epochs=6"]
 FAULT = "+callbacks.fault._target_=fsre_lightning.testing.signals.SignalAt"
 
 
-def _group_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _fault(step: int, signame: str = "SIGTERM", during: str = "train",
+           alone: bool = False) -> list[str]:
+    """SignalAt: `signame` to the run's process group (to the training process alone when
+    `alone`) as training step `step` starts, or during the first validation after it."""
+    return [FAULT, f"+callbacks.fault.step={step}", f"+callbacks.fault.signum={signame}",
+            f"+callbacks.fault.during={during}", *(["+callbacks.fault.rank=0"] if alone else [])]
+
+
+def _start_group(args: list[str], env: dict[str, str], log: Path | None = None
+                 ) -> subprocess.Popen:
     """A run in its own session: a signal to its process group reaches it and its workers
-    only."""
-    return subprocess.run(_command(args), env=env, capture_output=True, text=True,
-                          timeout=600, start_new_session=True)
+    only. Its output goes to pipes, or to the file `log` (a run nobody reads from while it
+    runs)."""
+    if log is None:
+        return subprocess.Popen(_command(args), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        return subprocess.Popen(_command(args), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(env: dict[str, str]) -> dict[str, Any]:
-    run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "straight"
-    result = _group_run([*WORKERS, "name=workers", f"hydra.run.dir={run_dir}"], env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = _load(run_dir / "checkpoints" / "last.ckpt")
-    _discard(run_dir)
-    return reference
-
-
-def _interrupt_then_resume(env: dict[str, str], name: str, fault: list[str], signum: int,
-                           reference: dict[str, Any]) -> int:
-    """The run, signalled by `fault`, ends with 128 + signum, the one-line message and a
-    loadable last.ckpt; resuming from it ends bit-identical to `reference`. Returns the step
-    the interrupted run stopped at."""
-    first = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / f"{name}_first"
-    result = _group_run([*WORKERS, "name=workers", f"hydra.run.dir={first}", *fault], env)
-    word = "preempted (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-    assert result.returncode == 128 + signum, result.stderr[-3000:]
-    assert word in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = first / "checkpoints" / "last.ckpt"
-    stopped_at = int(_load(last)["global_step"])
-    assert not list(last.parent.glob(".*.tmp"))
-    second = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / f"{name}_second"
-    resumed = _group_run([*WORKERS, "name=workers", f"ckpt_path={last}",
-                          f"hydra.run.dir={second}"], env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = _load(second / "checkpoints" / "last.ckpt")
-    assert got["global_step"] == reference["global_step"] == 6
-    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
-        _assert_same(reference[key], got[key], key)
-    _discard(first, second)
-    return stopped_at
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("step", range(5))
-def test_sigterm_to_the_group_with_workers_resumes_bit_identical(
-        env: dict[str, str], uninterrupted: dict[str, Any], step: int) -> None:
-    """Signalled as each of the first five of six steps starts (epoch 0 and epoch 1): the step
-    finishes, then the run stops (it used to die on its killed workers, sometimes without a
-    last.ckpt)."""
-    stopped = _interrupt_then_resume(env, f"term{step}", [FAULT, f"+callbacks.fault.step={step}"],
-                                     signal.SIGTERM, uninterrupted)
-    assert stopped == step + 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("signame", "during"), [("SIGINT", "train"), ("SIGTERM", "validation"),
-                                                 ("SIGINT", "validation")])
-def test_ctrl_c_and_signals_during_validation_resume_bit_identical(
-        env: dict[str, str], uninterrupted: dict[str, Any], signame: str, during: str) -> None:
-    """Ctrl-C used to save the half-done step (BatchNorm statistics of a batch never stepped
-    on); a signal during the end-of-epoch validation stopped it midway."""
-    fault = [FAULT, "+callbacks.fault.step=2", f"+callbacks.fault.signum={signame}",
-             f"+callbacks.fault.during={during}"]
-    stopped = _interrupt_then_resume(env, f"{signame}_{during}", fault,
-                                     getattr(signal, signame), uninterrupted)
-    assert stopped == 3  # after step 3 (train) or the validation at the end of epoch 0
-
-
-@pytest.mark.slow
-def test_an_external_sigterm_at_a_random_moment_resumes_bit_identical(
-        env: dict[str, str], uninterrupted: dict[str, Any]) -> None:
-    """`kill -TERM -- -<pgid>` from outside, whenever it lands (no hook picks the moment)."""
-    first = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "external_first"
-    proc = subprocess.Popen(_command([*WORKERS, "name=workers", f"hydra.run.dir={first}"]),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _group_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = _start_group(args, env)
     try:
-        _wait_for_checkpoint(proc, first / "checkpoints" / "last.ckpt", 2)
-        time.sleep(random.Random(7).uniform(0.0, 0.5))
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
-    assert "preempted (SIGTERM)" in stderr and "Traceback" not in stderr
-    second = Path(env["FSRE_OUTPUT_DIR"]) / "workers" / "external_second"
-    resumed = _group_run([*WORKERS, "name=workers",
-                          f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
-                          f"hydra.run.dir={second}"], env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = _load(second / "checkpoints" / "last.ckpt")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _assert_stopped(link: str, returncode: int, stderr: str, signum: int, last: Path,
+                    step: int) -> None:
+    """A run stopped by `signum`: 128 + signum, the one-line message naming the file to resume
+    from, no traceback, and a complete last.ckpt (no temporary file left) of `step`."""
+    word = "preempted (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+    assert returncode == 128 + signum, (link, stderr[-3000:])
+    assert word in stderr and f"ckpt_path={last}" in stderr, (link, stderr[-3000:])
+    assert "Traceback" not in stderr, (link, stderr[-3000:])
+    assert int(_load(last)["global_step"]) == step, link
+    assert not list(last.parent.glob("*.tmp")) and not list(last.parent.glob(".*.tmp")), link
+
+
+@pytest.mark.slow
+def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> None:
+    """Each stop the way a cluster, a terminal or the OOM killer makes it, and each resumed:
+    SIGTERM to the process group as each of the first five steps starts (the first step,
+    mid-epoch, an epoch's last step, whose stop waits for its validation, an epoch's first
+    step); Ctrl-C to the group at an epoch's last step (it used to save the half-done step:
+    BatchNorm statistics of a batch never stepped on); SIGTERM and Ctrl-C during an
+    end-of-epoch validation (it stopped midway); SIGTERM to the training process alone, not
+    its workers; SIGKILL (nothing saved after the step-14 checkpoint, two of the epoch's three
+    batches consumed), resumed with `ckpt_path=last`; `kill -TERM -- -<pgid>` from outside at
+    a random moment (no hook picks it). The chain's end equals the uninterrupted run."""
+    outputs = Path(env["FSRE_OUTPUT_DIR"])
+    straight = outputs / "straight" / "run"
+    # Beside the chain, in a process of its own: its output goes to a file.
+    reference = _start_group([*WORKERS, "name=straight", f"hydra.run.dir={straight}"], env,
+                             log=outputs / "straight.log")
+    chain = outputs / "chain"
+    links: list[tuple[str, list[str], int, int]] = [
+        # name, fault, signal, the step the run stops at (last.ckpt's step)
+        ("term0", _fault(0), signal.SIGTERM, 1),
+        ("term1", _fault(1), signal.SIGTERM, 2),
+        ("term2", _fault(2), signal.SIGTERM, 3),  # after the epoch's validation
+        ("term3", _fault(3), signal.SIGTERM, 4),
+        ("term4", _fault(4), signal.SIGTERM, 5),
+        ("int5", _fault(5, "SIGINT"), signal.SIGINT, 6),
+        ("term_validation", _fault(6, during="validation"), signal.SIGTERM, 9),
+        ("int_validation", _fault(9, "SIGINT", during="validation"), signal.SIGINT, 12),
+        ("term_alone", _fault(12, alone=True), signal.SIGTERM, 13),
+    ]
+    try:
+        previous: Path | None = None
+        for name, fault, signum, step in links:
+            run_dir = chain / name
+            resume = [f"ckpt_path={previous}"] if previous else []
+            result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={run_dir}", *resume,
+                                 *fault], env)
+            previous = run_dir / "checkpoints" / "last.ckpt"
+            _assert_stopped(name, result.returncode, result.stderr, signum, previous, step)
+
+        # SIGKILL as step 14 starts, right after the step-14 save: the run ends with no
+        # chance to save anything.
+        killed = chain / "kill"
+        result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={killed}",
+                             f"ckpt_path={previous}",
+                             "callbacks.last_checkpoint.every_n_train_steps=2",
+                             *_fault(14, "SIGKILL")], env)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        assert int(_load(killed / "checkpoints" / "last.ckpt")["global_step"]) == 14
+
+        # ckpt_path=last: the newest last.ckpt of the run's name, the killed run's. A SIGTERM
+        # to the group from outside, a moment after the step-15 save.
+        external = chain / "external"
+        proc = _start_group([*WORKERS, "name=chain", f"hydra.run.dir={external}",
+                             "ckpt_path=last",
+                             "callbacks.last_checkpoint.every_n_train_steps=1"], env)
+        try:
+            _wait_for_checkpoint(proc, external / "checkpoints" / "last.ckpt", 15)
+            time.sleep(random.Random(7).uniform(0.0, 0.5))
+            assert proc.poll() is None, "the run finished before the signal"
+            os.killpg(proc.pid, signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        resumed_cfg = OmegaConf.load(external / "config.yaml")
+        assert resumed_cfg.ckpt_path == str(killed / "checkpoints" / "last.ckpt")
+        last = external / "checkpoints" / "last.ckpt"
+        stopped = int(_load(last)["global_step"])
+        assert 15 <= stopped <= 18
+        _assert_stopped("external", proc.returncode, stderr, signal.SIGTERM, last, stopped)
+
+        final = chain / "final"
+        result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={final}",
+                             f"ckpt_path={last}"], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert reference.wait(timeout=600) == 0, (outputs / "straight.log").read_text()[-3000:]
+    finally:
+        reference.kill()
+    expected = _load(straight / "checkpoints" / "last.ckpt")
+    got = _load(final / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == 18
+    assert got["epoch"] == expected["epoch"]
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
-        _assert_same(uninterrupted[key], got[key], key)
-    _discard(first, second)
+        _assert_same(expected[key], got[key], key)
+
+    # Weights-only loading of our checkpoints, as evaluate.py and fine-tuning do.
+    module = FSREModule.load_from_checkpoint(final / "checkpoints" / "last.ckpt",
+                                             map_location="cpu", weights_only=True)
+    assert not module.has_segmentation
+    _discard(straight.parent, chain)
 
 
 @pytest.mark.slow
@@ -368,25 +331,28 @@ def test_ckpt_path_last_takes_the_newest_run_and_fails_clearly_without_one(
         resolve_ckpt_path(OmegaConf.merge(cfg, {"ckpt_path": str(tmp_path / "nope.ckpt")}))
 
 
-@pytest.mark.slow
 def test_resuming_another_architecture_fails_before_training_naming_the_keys(
-        env: dict[str, str], tmp_path: Path) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in command_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
     full = FSREModule(
-        network={"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18",
+        network={"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "test_resnet",
                  "pretrained": False, "cma_scales": [4, 3, 2]},
-        pose_network={"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18",
-                      "pretrained": False})
+        pose_network={"_target_": "fsre_lightning.models.PoseNetwork",
+                      "encoder": "test_resnet", "pretrained": False})
     ckpt = tmp_path / "full.ckpt"
     AtomicCheckpointIO().save_checkpoint(
         {"state_dict": full.state_dict(), "global_step": 7, "epoch": 0}, ckpt)
     run_dir = tmp_path / "run"
-    result = _train(["trainer.max_steps=1", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"],
-                    env)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "another architecture" in result.stderr and str(ckpt) in result.stderr
-    assert "unexpected in the checkpoint: " in result.stderr
-    assert "net.seg_decoder.* (" in result.stderr and "net.cma_depth.* (" in result.stderr
-    assert "Traceback" not in result.stderr
+    status = train.main([*TINY, "trainer.max_steps=1", f"ckpt_path={ckpt}",
+                         f"hydra.run.dir={run_dir}"])
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr[-3000:]
+    assert "another architecture" in stderr and str(ckpt) in stderr
+    assert "unexpected in the checkpoint: " in stderr
+    assert "net.seg_decoder.* (" in stderr and "net.cma_depth.* (" in stderr
+    assert "Traceback" not in stderr
     assert not (run_dir / "checkpoints").exists()
 
     # load_from_checkpoint (fine-tuning, evaluation) with weights that do not fit the
