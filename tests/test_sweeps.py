@@ -23,6 +23,7 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from fsre_lightning import report as report_cli
 from fsre_lightning import train
 from fsre_lightning.config.preflight import missing_plugin, search_space_members
 from fsre_lightning.errors import ConfigError
@@ -41,6 +42,7 @@ from fsre_lightning.testing import (
     compose_config,
     installed,
     run_command,
+    run_main,
 )
 
 TABLES = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin", "ablation_cma",
@@ -252,7 +254,9 @@ def test_cfg_job_shows_only_a_config_that_would_start(tmp_path: Path, capsys,
     out, err = capsys.readouterr()
     assert err.count("model.network.num_heads=0 is not allowed") == 3 and not out
     assert train.main(["+experiment=ablation_cma", "--cfg", "job"]) == 0
-    assert "cma_targets:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cma_targets:" in out
+    assert "sgt_kernel_size: 5" in out and "cma_scales:" in out
     assert not (tmp_path / "outputs").exists()
 
 
@@ -281,7 +285,7 @@ def test_a_diverging_member_fails_alone_and_the_sweep_trains_the_others(tmp_path
     assert summary == ["1 of 3 sweep member(s) failed (1); rerun only those:"]
     assert "fsre-train --multirun" in result.stderr
     assert "model.optimizer.lr=1e+30" in record["rerun"]
-    report = run_command("report", [str(folder)], env, timeout=300)
+    report = run_main(report_cli.main, [str(folder)])
     assert report.returncode == 0, report.stderr
     assert "- member 1 (" in report.stdout and "NonFiniteLossError" in report.stdout
 
@@ -378,6 +382,14 @@ def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
     assert resumed["resumed_from"] == str(folder / "2" / "checkpoints" / "last.ckpt")
     report = reporting.report(folder, png=False)
     assert not report["failed"] and not report["missing"]
+    # A seed sweep is one more swept key; on CPU a seed fixes the whole run, and the report
+    # merges the seeds into one row: four runs, zero spread.
+    afters = [json.loads((folder / str(n) / "metrics.json").read_text())["after"]
+              for n in range(4)]
+    assert all(after == afters[0] for after in afters)
+    rows = report["rows"]
+    assert len(rows) == 1 and len(rows[0].members) == 4
+    assert rows[0].stats("abs_rel") == (pytest.approx(afters[0]["abs_rel"]), 0.0)
 
 
 @pytest.mark.slow
@@ -385,6 +397,8 @@ def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
 def test_optuna_search_minimises_the_returned_validation_abs_rel(tmp_path: Path) -> None:
     env = command_env(tmp_path)
     result = run_command("train", ["+experiment=[search_sgt,smoke]", "model.network.num_heads=1",
+                                   "model.network.encoder=test_resnet",
+                                   "model.pose_network.encoder=test_resnet",
                                    "hydra.sweeper.n_trials=2"], env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs" / "multirun" / "search_sgt").iterdir()

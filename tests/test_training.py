@@ -1,13 +1,17 @@
 """One optimisation step of every model variant, on a batch in the data module's layout."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from fsre_lightning.config import validate_config
 from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
-from fsre_lightning.testing import optimiser_configs
+from fsre_lightning.testing import compose_config, optimiser_configs
+from fsre_lightning.testing.tiny_checkpoints import save_checkpoint
 
 H, W = 64, 192
 
@@ -133,11 +137,16 @@ def test_one_training_step_updates_every_used_parameter(variant: str) -> None:
 
 
 @pytest.mark.parametrize("encoder", ["convnext_atto", "efficientnet_b0", "regnetx_002"])
-def test_a_training_step_with_other_encoder_families(encoder: str) -> None:
-    """Full model and pose network on three non-ResNet families (docs/design.md 3.1): finite
-    loss, a non-zero gradient for every parameter, the step moves every parameter outside the
-    encoders. (ConvNeXt's layer scale starts at 1e-6, so the gradients of the norms inside its
-    blocks are ~1e-12 and Adam's first step on them is below float32 resolution.)"""
+def test_a_training_step_with_other_encoder_families(encoder: str, tmp_path: Path) -> None:
+    """Full model and pose network on three non-ResNet families (docs/design.md 3.1): the
+    smoke experiment with them passes the checks before a run, finite loss, a non-zero
+    gradient for every parameter, the step moves every parameter outside the encoders, and
+    the checkpoint rebuilds the same networks on its own. (ConvNeXt's layer scale starts at
+    1e-6, so the gradients of the norms inside its blocks are ~1e-12 and Adam's first step on
+    them is below float32 resolution.)"""
+    validate_config(compose_config("train", [
+        "+experiment=smoke", f"model.network.encoder={encoder}", "model.network.pretrained=false",
+        f"model.pose_network.encoder={encoder}"]), "train")
     torch.manual_seed(0)
     module = FSREModule(network={**FULL, "encoder": encoder},
                         pose_network={**POSE, "encoder": encoder},
@@ -155,6 +164,9 @@ def test_a_training_step_with_other_encoder_families(encoder: str) -> None:
     unchanged = [n for n, p in module.named_parameters() if torch.equal(before[n], p)
                  and not n.startswith(("net.encoder.", "pose_net.encoder."))]
     assert not unchanged
+    rebuilt = FSREModule.load_from_checkpoint(
+        save_checkpoint(module, tmp_path / "last.ckpt"), map_location="cpu")
+    assert rebuilt.net.encoder.name == encoder and rebuilt.pose_net.encoder.name == encoder
 
 
 def test_loss_terms_follow_the_config() -> None:
