@@ -30,6 +30,10 @@ from fsre_lightning.testing import optimiser_configs
 H, W = 64, 64
 FULL = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
 POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
+# The same step on timm's tiny test ResNet (deep stem, average-pool shortcuts, a bottleneck
+# block: more kinds of layers than ResNet-18, a fraction of the ops to trace and run).
+SMALL = {**FULL, "encoder": "test_resnet"}
+SMALL_POSE = {**POSE, "encoder": "test_resnet"}
 # The aten ops that copy a device value to the host (item(), bool(t), float(t), and the ops
 # whose output size depends on values) and so make the CPU wait for the GPU.
 HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
@@ -53,7 +57,7 @@ def step_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
 
 def test_training_step_traces_as_one_graph() -> None:
     torch.manual_seed(0)
-    module = FSREModule(network=FULL, pose_network=POSE, image_log_every_n_steps=0)
+    module = FSREModule(network=SMALL, pose_network=SMALL_POSE, image_log_every_n_steps=0)
     explanation = torch._dynamo.explain(module._forward_losses)(*step_inputs(make_batch()))
     reasons = [str(r.reason).splitlines()[0] for r in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
@@ -179,7 +183,7 @@ def test_a_training_step_reads_the_device_once(tmp_path: Any) -> None:
               "labels": torch.randint(0, 4, (H, W), generator=g), "index": i, "name": f"x {i} l"}
              for i in range(10)]
     torch.manual_seed(0)
-    module = FSREModule(network=FULL, pose_network=POSE, image_log_every_n_steps=0,
+    module = FSREModule(network=SMALL, pose_network=SMALL_POSE, image_log_every_n_steps=0,
                         **optimiser_configs())
     counter = CountPerStep()
     bar = ProgressBar(metrics_every_n_steps=10)

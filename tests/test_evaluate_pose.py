@@ -29,7 +29,7 @@ from fsre_lightning.scoring.odometry import (
     summarise,
     trajectory_errors,
 )
-from fsre_lightning.testing import compose_config
+from fsre_lightning.testing import compose_config, run_main
 from fsre_lightning.testing.tiny_checkpoints import make_run
 
 
@@ -282,7 +282,8 @@ def test_the_config_is_checked_before_any_work() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(module_tmp: Callable[[str], Path]) -> Path:
     """A randomly initialised model trained (as it records) at 64 x 192, depth only."""
-    return make_run(module_tmp("run"), segmentation=False, height=64, width=192)
+    return make_run(module_tmp("run"), segmentation=False, height=64, width=192,
+                    encoder="test_resnet")
 
 
 def _run(ckpt: Path, root: Path, *overrides: str) -> dict[str, Any]:
@@ -401,13 +402,12 @@ def test_input_errors_stop_with_one_line(tmp_path: Path, checkpoint: Path,
     assert not (checkpoint.parent / "last.eval-pose-09.json").exists()
 
 
-@pytest.mark.slow
-def test_cli_scores_and_fails_in_one_line(tmp_path: Path, checkpoint: Path,
-                                          command: Any) -> None:
+def test_cli_scores_and_fails_in_one_line(command_root: Path, checkpoint: Path) -> None:
+    tmp_path = command_root
     root = make_odometry(tmp_path / "odom", curve(6), sequence=10)
     metrics = tmp_path / "out" / "pose.json"
     args = [f"ckpt_path={checkpoint}", f"odom_root={root}", "sequences=[10]", "device=cpu"]
-    result = command("evaluate_pose", [*args, f"metrics_path={metrics}"])
+    result = run_main(evaluate_pose.main, [*args, f"metrics_path={metrics}"])
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(metrics.read_text())["sequences"]["10"]
     assert (f"   Trajectory error: {scores['ate_mean']:0.3f}, std: {scores['ate_std']:0.3f}"
@@ -415,7 +415,7 @@ def test_cli_scores_and_fails_in_one_line(tmp_path: Path, checkpoint: Path,
     assert not (tmp_path / "outputs").exists()  # no run folder
 
     write_poses(root / "poses" / "10.txt", curve(9))  # three poses more than frames
-    failed = command("evaluate_pose", args)
+    failed = run_main(evaluate_pose.main, args)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines() == [
         f"fsre_lightning.evaluate_pose: error: missing image "

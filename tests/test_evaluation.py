@@ -6,7 +6,6 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from fsre_lightning.data import read_split
 from fsre_lightning.errors import DataError
+from fsre_lightning.evaluate import main as evaluate_main
 from fsre_lightning.evaluate import run
 from fsre_lightning.module import FSREModule
 from fsre_lightning.scoring.eigen import (
@@ -26,7 +26,7 @@ from fsre_lightning.scoring.eigen import (
     ramp_weights,
 )
 from fsre_lightning.scoring.metrics import DEPTH_METRIC_KEYS, DepthMetrics, garg_crop_box
-from fsre_lightning.testing import compose_config
+from fsre_lightning.testing import compose_config, run_main
 
 KEYS = {*EIGEN_KEYS, "num_frames", "num_frames_without_gt"}
 
@@ -168,9 +168,11 @@ def test_table_row() -> None:
 TINY_DATA = ["data=synthetic", "data.batch_size=4", "data.num_workers=0",
              "++data.synthetic.num_drives=3", "++data.synthetic.frames_per_drive=8",
              "++data.synthetic.height=64", "++data.synthetic.width=192"]
-NETWORK = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18",
+# The full model (segmentation, CMA) on timm's tiny test ResNet: what is scored does not
+# depend on the encoder.
+NETWORK = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "test_resnet",
            "cma_scales": [4, 3, 2]}
-POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
+POSE = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "test_resnet"}
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +246,12 @@ def make_semantics(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_cli_with_post_processing_and_semantics(tmp_path: Path, tiny_run: Path,
-                                                command: Any) -> None:
+def test_cli_with_post_processing_and_semantics(command_root: Path, tiny_run: Path) -> None:
+    tmp_path = command_root
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     args = [f"ckpt_path={ckpt}", "post_process=true",
             f"semantics_dir={make_semantics(tmp_path)}", *TINY_DATA]
-    result = command("evaluate", args)
+    result = run_main(evaluate_main, args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("&") == 7 and "6 frames scored" in result.stdout
     written = json.loads((ckpt.parent / "last.eval-synthetic-pp.json").read_text())
@@ -257,7 +259,7 @@ def test_cli_with_post_processing_and_semantics(tmp_path: Path, tiny_run: Path,
     assert written["settings"]["post_process"] is True
     assert 0.0 <= written["miou"] <= 1.0 and written["num_semantic_images"] == 2
 
-    missing = command("evaluate", [f"ckpt_path={tmp_path / 'missing.ckpt'}", *TINY_DATA])
+    missing = run_main(evaluate_main, [f"ckpt_path={tmp_path / 'missing.ckpt'}", *TINY_DATA])
     assert missing.returncode == 2 and "missing.ckpt" in missing.stderr
     assert "Traceback" not in missing.stderr
     assert not (tmp_path / "outputs").exists()  # the metrics go beside the checkpoint

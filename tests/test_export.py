@@ -21,7 +21,7 @@ from fsre_lightning.trained import load_module
 
 @pytest.fixture(scope="module")
 def ckpt(module_tmp: Callable[[str], Path]) -> Path:
-    return make_run(module_tmp("run"))
+    return make_run(module_tmp("run"), encoder="test_resnet")
 
 
 def _cfg(tmp_path: Path, overrides: list[str]):
@@ -74,11 +74,11 @@ def test_torchscript_matches_pytorch(tmp_path: Path, ckpt: Path) -> None:
 
 @pytest.mark.slow
 def test_bad_checkpoints_and_options_are_named(tmp_path: Path, ckpt: Path) -> None:
-    other = make_mismatched(tmp_path / "swapped.ckpt")
+    other = make_mismatched(tmp_path / "swapped.ckpt", encoder="test_resnet")
     with pytest.raises(CheckpointMismatchError, match=r"swapped\.ckpt"):
         run(_cfg(tmp_path, [f"ckpt_path={other}", "format=torchscript", "height=64",
                             "width=192"]))
-    baseline = make_run(tmp_path / "baseline", segmentation=False)
+    baseline = make_run(tmp_path / "baseline", segmentation=False, encoder="test_resnet")
     with pytest.raises(ConfigError, match="no segmentation decoder"):
         run(_cfg(tmp_path, [f"ckpt_path={baseline}", "segmentation=true"]))
     with pytest.raises(ConfigError, match="format='tflite'"):

@@ -19,9 +19,9 @@ from fsre_lightning.data.annotated import export_annotated_depths, read_annotate
 from fsre_lightning.data.velodyne import export_gt_depths, velodyne_depth
 from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.evaluate import run as evaluate
-from fsre_lightning.export_gt import run
+from fsre_lightning.export_gt import main, run
 from fsre_lightning.scoring.eigen import EIGEN_KEYS, evaluate_eigen
-from fsre_lightning.testing import command_env, compose_config, run_command
+from fsre_lightning.testing import compose_config, run_main
 from fsre_lightning.testing.tiny_checkpoints import make_run
 
 DATE = "2011_01_01"
@@ -232,13 +232,16 @@ def test_config_picks_the_split_folder_and_the_val_file(tmp_path: Path) -> None:
 
 
 def _cli(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
-    # the data folder is tmp_path itself: split=<name> finds tmp_path/splits/<name>
-    return run_command("export_gt", args, {**command_env(tmp_path), "FSRE_DATA_DIR": str(tmp_path)},
-                       timeout=300)
+    # command_root: the outputs go under tmp_path; the data folder is tmp_path itself:
+    # split=<name> finds tmp_path/splits/<name>
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FSRE_DATA_DIR", str(tmp_path))
+        return run_main(main, args)
 
 
-@pytest.mark.slow
-def test_cli_writes_the_file_and_reports_a_missing_scan_without_traceback(tmp_path: Path) -> None:
+def test_cli_writes_the_file_and_reports_a_missing_scan_without_traceback(
+        command_root: Path) -> None:
+    tmp_path = command_root
     root = make_kitti(tmp_path)
     split_dir = tmp_path / "splits" / "mine"
     write_split(split_dir, [f"{DRIVE} 0 l", f"{DRIVE} 1 l"])
@@ -447,8 +450,9 @@ def test_config_source_follows_the_split_folder(tmp_path: Path,
                                 f"annotated_dir={annotated_dir}"]))
 
 
-@pytest.mark.slow
-def test_cli_exports_annotated_maps_and_names_a_missing_one_in_one_line(tmp_path: Path) -> None:
+def test_cli_exports_annotated_maps_and_names_a_missing_one_in_one_line(
+        command_root: Path) -> None:
+    tmp_path = command_root
     root = tmp_path / "kitti"
     annotated_dir = tmp_path / "data_depth_annotated"
     values = make_annotated(annotated_dir, "release")

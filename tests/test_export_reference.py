@@ -14,6 +14,7 @@ import torch
 from fsre_lightning.export_reference import main
 from fsre_lightning.module import FSREModule
 from fsre_lightning.reference import ReferenceRelease, load_reference_release
+from fsre_lightning.testing import run_main
 from fsre_lightning.testing.tiny_checkpoints import POSE, make_run, network, save_checkpoint
 from fsre_lightning.trained import load_module
 
@@ -194,13 +195,12 @@ def test_networks_the_release_cannot_hold(tmp_path: Path, capsys, changes: dict,
 
 
 # ---------------------------------------------------------------------------- the command
-@pytest.mark.slow
-def test_command_line(fsre_ckpt: Path, tmp_path: Path, command) -> None:
-    out = tmp_path / "release"
-    result = command("export_reference", [str(fsre_ckpt), "--out", str(out)])
+def test_command_line(fsre_ckpt: Path, command_root: Path) -> None:
+    out = command_root / "release"
+    result = run_main(main, [str(fsre_ckpt), "--out", str(out)])
     assert result.returncode == 0, result.stderr
     assert "release written to" in result.stdout and "64 x 192" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == CMA_FILES
-    result = command("export_reference", [str(tmp_path / "missing.ckpt"), "--out", str(out)])
+    result = run_main(main, [str(command_root / "missing.ckpt"), "--out", str(out)])
     assert result.returncode == 2
     assert result.stderr.startswith(PREFIX) and "Traceback" not in result.stderr

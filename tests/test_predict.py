@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +15,8 @@ from fsre_lightning.checkpoints import CheckpointMismatchError
 from fsre_lightning.data.synthetic import render_drive
 from fsre_lightning.errors import ConfigError, DataError
 from fsre_lightning.inference.scale import camera_height_scale, ground_mask
-from fsre_lightning.predict import run
-from fsre_lightning.testing import compose_config
+from fsre_lightning.predict import main, run
+from fsre_lightning.testing import compose_config, run_main
 from fsre_lightning.testing.tiny_checkpoints import make_mismatched, make_run
 
 # Native frames larger than the network input (64 x 192), so resizing back is visible.
@@ -29,7 +26,7 @@ HAS_VIDEO = all(importlib.util.find_spec(m) for m in ("imageio", "imageio_ffmpeg
 
 @pytest.fixture(scope="module")
 def ckpt(module_tmp: Callable[[str], Path]) -> Path:
-    return make_run(module_tmp("run"))
+    return make_run(module_tmp("run"), encoder="test_resnet")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +153,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path, ckpt: Path) -> None:
 
     image = tmp_path / "frame.png"
     Image.fromarray(np.zeros((64, 192, 3), np.uint8)).save(image)
-    other = make_mismatched(tmp_path / "other_model.ckpt")
+    other = make_mismatched(tmp_path / "other_model.ckpt", encoder="test_resnet")
     with pytest.raises(CheckpointMismatchError, match=r"other_model\.ckpt") as info:
         run(_cfg(tmp_path, [f"ckpt_path={other}", f"input={image}", f"output={tmp_path}/o",
                             "height=64", "width=192"]))
@@ -168,13 +165,9 @@ def test_bad_inputs_name_the_file(tmp_path: Path, ckpt: Path) -> None:
                             "camera_height=1.5", f"output={tmp_path}/o"]))
 
 
-@pytest.mark.slow
-def test_cli_reports_a_bad_input_in_one_line(tmp_path: Path, ckpt: Path) -> None:
-    empty = tmp_path / "nothing_here"
+def test_cli_reports_a_bad_input_in_one_line(command_root: Path, ckpt: Path) -> None:
+    empty = command_root / "nothing_here"
     empty.mkdir()
-    env = {**os.environ, "FSRE_OUTPUT_DIR": str(tmp_path / "outputs")}
-    result = subprocess.run(
-        [sys.executable, "-m", "fsre_lightning.predict", f"ckpt_path={ckpt}", f"input={empty}"],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = run_main(main, [f"ckpt_path={ckpt}", f"input={empty}"])
     assert result.returncode == 2
     assert "nothing_here" in result.stderr and "Traceback" not in result.stderr

@@ -9,9 +9,6 @@ from the mapping under test.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +29,8 @@ from fsre_lightning.reference import (
     save_reference_release,
 )
 from fsre_lightning.runtime import CONFIG_DIR
-from fsre_lightning.testing import compose_config
+from fsre_lightning.testing import compose_config, run_main
+from fsre_lightning.train import main as train_main
 from fsre_lightning.trained import load_initial_weights
 
 SIZE = (64, 192)
@@ -470,19 +468,16 @@ def test_init_weights_config_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_fine_tunes_from_an_imported_release(tmp_path: Path, cma_release) -> None:
+def test_train_fine_tunes_from_an_imported_release(command_root: Path, cma_release) -> None:
+    tmp_path = command_root
     assert import_main([str(cma_release[0]), "--out", str(tmp_path / "fsre.ckpt")]) == 0
     ckpt = tmp_path / "fsre.ckpt"
-    env = {**os.environ, "FSRE_DATA_DIR": str(tmp_path / "data"),
-           "FSRE_OUTPUT_DIR": str(tmp_path / "outputs"), "WANDB_MODE": "disabled"}
     args = [*TINY_DATA, "logger=csv", "data.height=64", "data.width=192",
             "model.network.encoder=resnet18", "model.network.pretrained=false",
             "model.pose_network.encoder=resnet18", "trainer.max_steps=1",
             "trainer.limit_val_batches=1", "callbacks.progress_bar=null",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run([sys.executable, "-m", "fsre_lightning.train", *args,
-                             f"init_weights={ckpt}"], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_main(train_main, [*args, f"init_weights={ckpt}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "initialised the network weights from the checkpoint" in result.stdout + result.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from fsre_lightning import train
 from fsre_lightning.checkpoints import load_checkpoint_weights_only
-from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+from fsre_lightning.testing import (
+    TINY_SYNTHETIC,
+    command_env,
+    compose_config,
+    run_command,
+    run_main,
+)
 from fsre_lightning.tracking.wandb import WANDB_RUN_KEY
 from fsre_lightning.train import continue_wandb_run
 
@@ -46,8 +53,9 @@ def _offline_runs(run_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_offline_run_resumed_logs_into_the_same_run_and_disabled_writes_nothing(
-        tmp_path: Path) -> None:
-    common = [*TINY_SYNTHETIC, "+experiment=smoke", "model=monodepth2", "logger=wandb"]
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    common = [*TINY_SYNTHETIC, "+experiment=smoke", "model=monodepth2", "logger=wandb",
+              "model.network.encoder=test_resnet", "model.pose_network.encoder=test_resnet"]
     offline = command_env(tmp_path, WANDB_MODE="offline")
     first = run_command("train", [*common, "name=first"], offline)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -62,8 +70,10 @@ def test_offline_run_resumed_logs_into_the_same_run_and_disabled_writes_nothing(
     (run2,) = [p for p in (tmp_path / "outputs" / "first").iterdir() if p != run1]
     assert _offline_runs(run2) == [run_id]  # `wandb sync` merges both into one run
 
-    disabled = run_command("train", [*common, "name=quiet"],
-                           command_env(tmp_path, WANDB_MODE="disabled"))
+    # In this process: a disabled wandb starts no service process.
+    for key, value in command_env(tmp_path, WANDB_MODE="disabled").items():
+        monkeypatch.setenv(key, value)
+    disabled = run_main(train.main, [*common, "name=quiet"])
     assert disabled.returncode == 0, disabled.stderr[-3000:]
     (run3,) = (tmp_path / "outputs" / "quiet").iterdir()
     assert not (run3 / "wandb").exists() or not list((run3 / "wandb").glob("*run-*"))
