@@ -52,7 +52,7 @@ from fsre_lightning.runtime import (
     run_or_exit,
     write_json,
 )
-from fsre_lightning.scoring.metrics import REPORTED_METRICS, metric_summary
+from fsre_lightning.scoring.metrics import DISPLAY_NAMES, REPORTED_METRICS, metric_summary
 from fsre_lightning.sweeps.context import is_sweep_member, launches_members_here, member_context
 from fsre_lightning.sweeps.members import (
     RESUME_VALUES,
@@ -99,7 +99,8 @@ def print_metrics(results: Mapping[str, Mapping[str, float]], title: str) -> Non
         table.add_column(name, justify="right")
     keys = [k for k in REPORTED_METRICS if any(k in r for r in results.values())]
     for key in keys:
-        table.add_row(key, *(f"{r[key]:.4f}" if key in r else "-" for r in results.values()))
+        table.add_row(DISPLAY_NAMES[key],
+                      *(f"{r[key]:.4f}" if key in r else "-" for r in results.values()))
     Console().print(table)
 
 

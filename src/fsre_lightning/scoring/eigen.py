@@ -20,7 +20,12 @@ from fsre_lightning.data.decode import load_image, load_label
 from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS
 from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import disp_to_depth
-from fsre_lightning.scoring.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
+from fsre_lightning.scoring.metrics import (
+    DEPTH_METRIC_KEYS,
+    DISPLAY_NAMES,
+    DepthMetrics,
+    SegmentationIoU,
+)
 
 if TYPE_CHECKING:  # the module and the data module only pass through here
     from fsre_lightning.data.kitti import KittiDataModule
@@ -136,7 +141,7 @@ def post_process_disparity(disp: torch.Tensor, disp_of_flipped: torch.Tensor) ->
 def format_table_row(results: Mapping[str, float]) -> str:
     """The seven metrics as a header line and the paper's `&`-separated LaTeX row."""
     # A row cell is "&", 8 characters, 2 spaces: the leading space ends each name over its number.
-    header = " " + " | ".join(f"{key:>8}" for key in DEPTH_METRIC_KEYS)
+    header = " " + " | ".join(f"{DISPLAY_NAMES[key]:>8}" for key in DEPTH_METRIC_KEYS)
     row = "".join(f"&{results[key]:8.3f}  " for key in DEPTH_METRIC_KEYS) + "\\\\"
     return f"{header}\n{row}"
 

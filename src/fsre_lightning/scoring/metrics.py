@@ -23,6 +23,11 @@ from fsre_lightning.cityscapes import NUM_CLASSES, VOID
 DEPTH_METRIC_KEYS: tuple[str, ...] = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
 # What a run reports: the seven depth errors (the paper's table columns), then mIoU.
 REPORTED_METRICS: tuple[str, ...] = (*DEPTH_METRIC_KEYS, "miou")
+# How every printout and table names them (the paper's column names; a1..a3 are d1..d3, the
+# share of pixels with max(gt / pred, pred / gt) < 1.25, 1.25^2, 1.25^3). JSON keys stay as above.
+DISPLAY_NAMES: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",
+                                 "rmse_log": "RMSlog", "a1": "d1", "a2": "d2", "a3": "d3",
+                                 "miou": "mIoU"}
 # garg: the Garg/Eigen crop of KITTI's frames; none: every pixel with ground truth.
 EVAL_CROPS = ("garg", "none")
 

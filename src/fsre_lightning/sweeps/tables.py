@@ -8,10 +8,12 @@ several seeds ran. Writes `report.md`, `report.csv` and `abs_rel.png` into the s
 each of ours where the paper has one. Members that failed (their `failed.json`) are listed with
 the error and the command that reruns each; members without either file as not finished.
 
-The source is a sweep folder (`outputs/multirun/<name>/<time>`), an experiment's folder of
-sweeps (`outputs/multirun/<name>`: its newest sweep), or a wandb group (`<name>-<time>`, as
-`logger=wandb` names the group of a sweep), looked up under `--outputs` (default
-$FSRE_OUTPUT_DIR or ./outputs).
+The source is a sweep folder (`outputs/multirun/<name>/<time>_<tag>`), a single run's folder
+(a one-row table), an experiment's folder of sweeps (`outputs/multirun/<name>`: its newest
+sweep), or a wandb group (`<name>-<time>_<tag>`, as `logger=wandb` names the group of a sweep;
+without the tag when one sweep of that time matches), looked up under `--outputs` (default
+$FSRE_OUTPUT_DIR or ./outputs). Every row says which data its metrics were measured on (from
+the members' configs), the paper's rows are KITTI's Eigen test.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from typing import Any
 import yaml
 
 from fsre_lightning.errors import UserError
-from fsre_lightning.scoring.metrics import REPORTED_METRICS
+from fsre_lightning.scoring.metrics import DISPLAY_NAMES, REPORTED_METRICS
 from fsre_lightning.sweeps.members import member_folders, read_failure
 
 METRICS = REPORTED_METRICS
-HEADERS: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",
-                           "rmse_log": "RMSlog", "a1": "d1", "a2": "d2", "a3": "d3",
-                           "miou": "mIoU"}
+HEADERS = DISPLAY_NAMES
 SEED_KEY = "seed"
+# What the paper's rows were measured on.
+PAPER_DATA = "KITTI Eigen test"
 
 
 def _row(abs_rel: float, sq_rel: float, rmse: float, rmse_log: float, a1: float, a2: float,
@@ -104,6 +106,7 @@ class Member:
     metrics: dict[str, float]
     name: str
     seed: int | None
+    data: str = "?"
 
 
 @dataclass
@@ -124,6 +127,10 @@ class Row:
     @property
     def seeds(self) -> list[int | None]:
         return [m.seed for m in self.members]
+
+    @property
+    def data(self) -> str:
+        return ", ".join(dict.fromkeys(m.data for m in self.members))
 
 
 # ---------------------------------------------------------------------------- finding runs
@@ -157,13 +164,13 @@ def find_sweep(source: str, outputs: Path | None = None) -> Path:
     """The sweep folder named by `source` (see the module docstring)."""
     path = Path(source)
     if path.is_dir():
-        if member_folders(path):
+        if member_folders(path) or (path / "metrics.json").is_file():
             return path
         sweeps = sorted(p for p in path.iterdir() if p.is_dir() and member_folders(p))
         if sweeps:
             return sweeps[-1]  # folder names are start times: the newest sorts last
-        raise ReportError(f"{path}: no sweep members (folders with metrics.json) in it or in "
-                          "its subfolders")
+        raise ReportError(f"{path}: neither a run folder (with metrics.json) nor a sweep (member "
+                          "folders with metrics.json, in it or in its subfolders)")
     outputs = outputs or outputs_dir()
     root = outputs / "multirun"
     # `logger=wandb` names a sweep's group <name>-<sweep folder>, the folder a start time.
@@ -173,6 +180,18 @@ def find_sweep(source: str, outputs: Path | None = None) -> Path:
         stamp = f"{head}-{stamp}"
     if name and (root / name / stamp).is_dir():
         return root / name / stamp
+    # The group without the random tag that follows the time: accepted when unambiguous.
+    name, _, stamp = source.rpartition("-")
+    while name:
+        matches = sorted((root / name).glob(f"{stamp}_*")) if (root / name).is_dir() else []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ReportError(f"{source!r} matches {len(matches)} sweeps "
+                              f"({', '.join(m.name for m in matches)}): give the whole group "
+                              "name, with its tag")
+        name, _, head = name.rpartition("-")
+        stamp = f"{head}-{stamp}"
     for config in sorted(root.glob("*/*/*/config.yaml")):
         group = (yaml.safe_load(config.read_text()) or {}).get("logger", {}) or {}
         if (group.get("wandb") or {}).get("group") == source:
@@ -197,7 +216,21 @@ def load_member(path: Path, stage: str = "after") -> Member | None:
     seed = config.get("seed")
     return Member(path=path, overrides=overrides, metrics=metrics,
                   name=str(config.get("name") or path.parent.parent.name),
-                  seed=int(seed) if isinstance(seed, int) else None)
+                  seed=int(seed) if isinstance(seed, int) else None,
+                  data=data_label(config.get("data") or {}))
+
+
+def data_label(data: dict[str, Any]) -> str:
+    """What a run's validation metrics were measured on, from its resolved data config."""
+    if not data:
+        return "?"
+    target = str(data.get("_target_", ""))
+    if target.endswith("VideoFolderDataModule"):
+        return f"video folder {Path(str(data.get('root', '?'))).name} (val loss)"
+    split = Path(str(data.get("split_dir", ""))).name or "?"
+    if data.get("synthetic"):
+        return "synthetic scenes, val"
+    return f"KITTI {split} val"
 
 
 # ----------------------------------------------------------------------------- the table
@@ -262,46 +295,62 @@ def markdown(experiment: str, sweep: Path, rows: Sequence[Row], stage: str,
              failed: Sequence[tuple[Path, dict[str, Any]]] = ()) -> str:
     runs = sum(len(r.members) for r in rows)
     seeds = sorted({s for r in rows for s in r.seeds if s is not None})
+    what = "Run" if (sweep / "metrics.json").is_file() else "Sweep"
     lines = [f"# {experiment}", "",
-             f"Sweep `{sweep}`: {runs} run(s), seeds {seeds or '-'}; validation metrics "
-             f"`{stage}` training, mean ± sample std over seeds where several ran. Rows "
-             "`paper` are the paper's (KITTI Eigen test, mIoU on KITTI 2015).", ""]
+             f"{what} `{sweep}`: {runs} run(s), seeds {seeds or '-'}; validation metrics "
+             f"`{stage}` training on the data each row names, mean ± sample std over seeds "
+             f"where several ran. Rows `paper` are the paper's ({PAPER_DATA}, mIoU on KITTI "
+             "2015): compare them only with rows measured on KITTI.", ""]
     if failed:
         lines += failure_lines(failed)
     if missing:
         lines += [f"Not finished (no metrics.json): {', '.join(p.name for p in missing)}", ""]
-    lines += ["| row | runs | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
-              "|---|---:|" + "---:|" * len(METRICS)]
+    lines += ["| row | data | runs | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
+              "|---|---|---:|" + "---:|" * len(METRICS)]
     for row in rows:
         cells = [_fmt(*row.stats(k)) for k in METRICS]
-        lines.append(f"| {row_label(experiment, row)} | {len(row.members)} | "
+        lines.append(f"| {row_label(experiment, row)} | {row.data} | {len(row.members)} | "
                      + " | ".join(cells) + " |")
         paper = paper_row(experiment, row)
         if paper:
             cells = [f"{paper[1][k]:.3f}" if k in paper[1] else "-" for k in METRICS]
-            lines.append(f"| paper: {paper[0]} | | " + " | ".join(cells) + " |")
+            lines.append(f"| paper: {paper[0]} | {PAPER_DATA} | | " + " | ".join(cells)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, experiment: str, keys: Sequence[str], rows: Sequence[Row]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "source", *keys, "runs", "seeds",
+        writer.writerow(["row", "source", "data", *keys, "runs", "seeds",
                          *(f"{k}{suffix}" for k in METRICS for suffix in ("", "_std"))])
         for row in rows:
             values = dict(row.values)
             stats = [x for k in METRICS for x in row.stats(k)]
-            writer.writerow([row_label(experiment, row), "ours", *(values[k] for k in keys),
+            writer.writerow([row_label(experiment, row), "ours", row.data,
+                             *(values[k] for k in keys),
                              len(row.members), " ".join(str(s) for s in row.seeds),
                              *("" if x is None else f"{x:.6g}" for x in stats)])
             paper = paper_row(experiment, row)
             if paper:
-                writer.writerow([paper[0], "paper", *(values[k] for k in keys), "", "",
+                writer.writerow([paper[0], "paper", PAPER_DATA, *(values[k] for k in keys), "",
+                                 "",
                                  *(x for k in METRICS for x in (paper[1].get(k, ""), ""))])
 
 
 def bar_chart(path: Path, experiment: str, rows: Sequence[Row]) -> None:
-    """AbsRel per row (error bars: std over seeds) beside the paper's, as a PNG."""
+    """`chart` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = chart(experiment, rows)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def chart(experiment: str, rows: Sequence[Row]) -> Any:
+    """AbsRel per row (error bars: std over seeds) beside the paper's, each bar with its value,
+    the data each was measured on in the legend, the legend clear of the bars: a matplotlib
+    figure."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters and CI
@@ -311,29 +360,42 @@ def bar_chart(path: Path, experiment: str, rows: Sequence[Row]) -> None:
     ours = [r.stats("abs_rel") for r in rows]
     paper = [(paper_row(experiment, r) or ("", {}))[1].get("abs_rel") for r in rows]
     xs = list(range(len(rows)))
-    width = 0.4 if any(p is not None for p in paper) else 0.8
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 2), 4))
-    ax.bar([x - (width / 2 if width < 0.8 else 0) for x in xs],
-           [m if m is not None else math.nan for m, _ in ours], width,
-           yerr=[s or 0.0 for _, s in ours] if any(s for _, s in ours) else None,
-           capsize=3, label="ours")
-    if width < 0.8:
-        ax.bar([x + width / 2 for x in xs], [p if p is not None else math.nan for p in paper],
-               width, color="lightgray", edgecolor="black", label="paper")
-        ax.legend()
+    with_paper = any(p is not None for p in paper)
+    width = 0.4 if with_paper else 0.8
+    data = ", ".join(dict.fromkeys(r.data for r in rows))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(rows) + 2.5), 4.5))
+    bars = ax.bar([x - (width / 2 if with_paper else 0) for x in xs],
+                  [m if m is not None else math.nan for m, _ in ours], width,
+                  yerr=[s or 0.0 for _, s in ours] if any(s for _, s in ours) else None,
+                  capsize=3, label=f"ours ({data})")
+    ax.bar_label(bars, labels=[f"{m:.3f}" if m is not None else "" for m, _ in ours],
+                 fontsize=7, padding=2)
+    if with_paper:
+        bars = ax.bar([x + width / 2 for x in xs],
+                      [p if p is not None else math.nan for p in paper], width,
+                      color="lightgray", edgecolor="black", label=f"paper ({PAPER_DATA})")
+        ax.bar_label(bars, labels=[f"{p:.3f}" if p is not None else "" for p in paper],
+                     fontsize=7, padding=2)
+    top = max([m + (s or 0) for m, s in ours if m is not None]
+              + [p for p in paper if p is not None] + [0.0])
+    ax.set_ylim(0, top * 1.15 or 1.0)  # room for the values above the bars
+    # Above the axes, not over the bars.
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=2, fontsize=8, frameon=False)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("AbsRel (lower is better)")
-    ax.set_title(experiment)
+    ax.set_title(experiment, pad=28)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def report(sweep: Path, out: Path | None = None, stage: str = "after",
            png: bool = True) -> dict[str, Any]:
-    """Write report.md, report.csv (and abs_rel.png) for one sweep; returns what it wrote."""
+    """Write report.md, report.csv (and abs_rel.png) for one sweep, or one run's folder (a
+    one-row table); returns what it wrote."""
     paths = member_folders(sweep)
+    if not paths and (sweep / "metrics.json").is_file():
+        paths = [sweep]
     loaded = [(p, load_member(p, stage)) for p in paths]
     members = [m for _, m in loaded if m is not None]
     unfinished = [(p, read_failure(p)) for p, m in loaded if m is None]
