@@ -160,7 +160,8 @@ def test_table_row() -> None:
     values = dict(zip(DEPTH_METRIC_KEYS, [0.105, 0.722, 4.547, 0.182, 0.886, 0.964, 0.984],
                       strict=True))
     header, row = format_table_row(values).splitlines()
-    assert header.split() == [k for key in DEPTH_METRIC_KEYS for k in (key, "|")][:-1]
+    names = ["AbsRel", "SqRel", "RMSE", "RMSlog", "d1", "d2", "d3"]  # as the report's columns
+    assert header.split() == [k for name in names for k in (name, "|")][:-1]
     assert row.count("&") == 7 and row.endswith("\\\\") and "4.547" in row
 
 
