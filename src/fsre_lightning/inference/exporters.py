@@ -49,7 +49,8 @@ def export_onnx(model: InferenceModel, path: Path, size: tuple[int, int], opset:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise ExportError(f"format=onnx needs onnx and onnxscript: {EXPORT_EXTRA_HINT}") from err
+        raise ExportError(f"format=onnx needs onnx and onnxscript: {EXPORT_EXTRA_HINT}; or "
+                          "use format=torchscript, which needs nothing more") from err
     example = sample_input(EXPORT_BATCH, size).to(next(model.parameters()).device)
     batch = torch.export.Dim("batch", min=1, max=1024)
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):

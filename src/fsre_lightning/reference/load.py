@@ -83,8 +83,7 @@ def read_state_file(path: Path) -> dict[str, Any]:
 def _ignored_entries(layout: ReleaseLayout) -> dict[str, dict[str, str]]:
     """Per file, the keys that are read but deliberately not loaded, with the reason."""
     classifier = {k: "torchvision's ImageNet classifier, never run" for k in CLASSIFIER_KEYS}
-    out = {ENCODER_FILE: {**classifier, "height": "training height",
-                          "width": "training width", "use_stereo": "Monodepth2's stereo flag"}}
+    out = {ENCODER_FILE: {**classifier, "use_stereo": "Monodepth2's stereo flag"}}
     if layout.pose_encoder is not None:
         out[POSE_ENCODER_FILE] = classifier
     return out
@@ -123,6 +122,8 @@ def collect_state(folder: Path, files: Mapping[str, Mapping[str, Any]],
                 f"expected {expected}")
             continue
         state[ours] = value
+    # The training resolution in encoder.pth is read (the release's input size), not a weight.
+    used.setdefault(ENCODER_FILE, set()).update(("height", "width"))
     for file, file_state in files.items():
         skip = ignored.get(file, {})
         extra = [k for k in file_state if k not in used.get(file, set()) and k not in skip]
