@@ -37,7 +37,7 @@ CONFIG_DIR = Path(os.environ.get("FSRE_CONFIG_DIR", Path(__file__).resolve().par
 # `main(argv=None) -> int` and a console script (`fsre-<command>`, pyproject.toml); the Hydra
 # ones are built by `hydra_entry.hydra_command`. No library module imports a command.
 COMMANDS = ("train", "evaluate", "evaluate_pose", "predict", "export", "export_gt",
-            "import_reference", "export_reference", "pseudolabel", "report")
+            "import_reference", "export_reference", "pseudolabel", "report", "prepare_kitti")
 
 EXIT_USER_ERROR = 2
 # Exit status of a sweep that finished with failed members (each recorded in its folder).
@@ -132,7 +132,8 @@ def quiet_known_noise() -> None:
     that a real warning is seen:
     - torch (2.14 here) deprecates `LeafSpec`, which Lightning 2.6's pytree helper still builds
       (a FutureWarning per training and per validation; nothing to act on for a user);
-    - Lightning's advertisement for its cloud logger ("💡 Tip: ... litlogger") at every fit.
+    - Lightning's advertisement for its cloud logger ("💡 Tip: ... litlogger") at every fit;
+    - alembic's "setup plugin ..." lines (Optuna's storage layer imports it) at every sweep.
     Lightning's own messages (devices, `max_steps` reached) and every other warning stay."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
@@ -140,6 +141,16 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def plain_optuna_logs() -> None:
+    """Optuna's log lines through the root logger (Hydra's format, no colour codes): its own
+    handler writes ANSI colours even where the output is a file or a cluster's log."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
 
 def call_hydra(task: Callable[[], Any], argv: Sequence[str] | None = None,

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fsre_lightning.config import validate_config
 from fsre_lightning.errors import UserError
-from fsre_lightning.runtime import CONFIG_DIR, EXIT_USER_ERROR, report_error
+from fsre_lightning.runtime import CONFIG_DIR, EXIT_USER_ERROR, plain_optuna_logs, report_error
 from fsre_lightning.sweeps.context import HydraCallback
 
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -117,6 +117,8 @@ class SweepPreflight(HydraCallback):
         self.entry = entry
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_") or ""):
+            plain_optuna_logs()
         count, problems = member_problems(config, self.entry)
         for line in problems:
             report_error(self.entry, line)
