@@ -396,6 +396,17 @@ class EvaluatePoseConfig(_CheckpointEntry):
         check_path("metrics_path", self.metrics_path, nullable=True)
 
 
+@dataclass(kw_only=True)
+class PrepareKittiConfig(_Entry):
+    """`conf/prepare_kitti.yaml`'s own keys (data.root, data.split_dir and data.prepare say
+    what is prepared)."""
+
+    data: Any = None
+    dry_run: bool = MISSING
+    progress: bool = MISSING
+
+
 ENTRIES: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig,
                             "export_gt": ExportGtConfig, "predict": PredictConfig,
-                            "export": ExportConfig, "evaluate_pose": EvaluatePoseConfig}
+                            "export": ExportConfig, "evaluate_pose": EvaluatePoseConfig,
+                            "prepare_kitti": PrepareKittiConfig}

@@ -59,6 +59,8 @@ from fsre_lightning.data.kitti_layout import (
     read_split,
     resolve_images,
 )
+from fsre_lightning.data.kitti_prepare import format_plan, prepare_kitti
+from fsre_lightning.data.kitti_sources import KittiPrepareConfig
 from fsre_lightning.data.resumable import (
     ResumableDataLoader,
     WorkerSafeDataLoader,
@@ -122,6 +124,10 @@ class KittiDataConfig:
     allow_missing_labels: bool = False
     on_error: str = "skip"
     eval_on_error: str = "raise"
+    # prepare_data makes what the splits need present under root first (fetched from KITTI,
+    # as `python -m fsre_lightning.prepare_kitti` does; how: `prepare`).
+    download: bool = False
+    prepare: KittiPrepareConfig = field(default_factory=KittiPrepareConfig)
 
     # Paths that must be given (the others have defaults relative to them).
     _REQUIRED_PATHS: ClassVar[tuple[str, ...]] = ("root", "split_dir")
@@ -155,6 +161,19 @@ class KittiDataConfig:
         for key in ("train_split", "val_split", "test_split"):
             require(isinstance(getattr(self, key), str) and bool(getattr(self, key)), key,
                     getattr(self, key), "the name of a split file <name>_files.txt")
+        self._check_download()
+
+    def _check_download(self) -> None:
+        """What data.download and data.prepare may be combined with."""
+        require(not self.download or (self._target_ == KittiDataConfig._target_
+                                       and self.synthetic is None), "download", self.download,
+                "only with data=kitti (KITTI raw is downloaded; data=synthetic generates its "
+                "scenes, data=video_folder reads your frames)")
+        wanted = {"predict": "predicted", "import": "files"}.get(self.prepare.pseudo_labels)
+        require(wanted is None or (self.label_source == wanted and self.use_labels),
+                "prepare.pseudo_labels", self.prepare.pseudo_labels,
+                f"with data.label_source={wanted} and data.use_labels=true, which read what it "
+                f"makes (now label_source={self.label_source}, use_labels={self.use_labels})")
 
 
 def data_config(schema: type, **values: Any) -> Any:
@@ -165,6 +184,8 @@ def data_config(schema: type, **values: Any) -> Any:
     synthetic = values.get("synthetic")
     if isinstance(synthetic, Mapping):
         values["synthetic"] = SyntheticConfig(**synthetic)
+    if isinstance(values.get("prepare"), Mapping):
+        values["prepare"] = KittiPrepareConfig(**arguments(values["prepare"]))
     return schema(**values)
 
 
@@ -216,7 +237,8 @@ class KittiDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self, splits: Sequence[str] = ("train", "val")) -> None:
-        """Generate the synthetic scenes, then build the caches of `splits` (once per node;
+        """Generate the synthetic scenes (or with `download`, make KITTI's files present:
+        `kitti_prepare.prepare_kitti`), then build the caches of `splits` (once per node;
         evaluation passes none: a test score must not wait for, or fail on, training frames).
 
         `setup` only opens the caches; it builds them too when prepare_data did not run (a
@@ -224,6 +246,9 @@ class KittiDataModule(pl.LightningDataModule):
         """
         if self.synthetic is not None:
             generate_synthetic_kitti(self.root, **self.synthetic)
+        if self.config.download:
+            # Locked per file: DDP ranks (each runs this) and other commands fetch each once.
+            log.info(format_plan(prepare_kitti(self.config), dry_run=False))
         if self.frame_cache:
             for split in splits:
                 if (self.split_dir / f"{self.splits[split]}_files.txt").is_file():
