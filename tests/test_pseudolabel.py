@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,18 @@ import torch
 from PIL import Image
 
 from fsre_lightning import pseudolabel as pseudolabel_cli
-from fsre_lightning.cityscapes import LABEL_ID_TO_TRAIN_ID
+from fsre_lightning.cityscapes import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID
 from fsre_lightning.data import KittiDataModule
 from fsre_lightning.data import frame_cache as cache_module
 from fsre_lightning.data import label_caches as pseudolabel
+from fsre_lightning.data.kitti_sources import DEFAULT_SEGMENTATION_MODEL
 from fsre_lightning.errors import DataError
+from fsre_lightning.testing.kitti_server import DRIVE as SERVED_DRIVE
+from fsre_lightning.testing.kitti_server import (
+    build_archives,
+    make_raw_tree,
+    write_published_splits,
+)
 from fsre_lightning.testing.kitti_tree import DRIVE, expected_train_ids, label_ids_image, make_kitti
 
 H, W = 64, 192
@@ -219,3 +227,54 @@ def test_predict_on_cuda_agrees_with_cpu(tmp_path: Path, tiny_segformer: Path) -
     a, b = np.asarray(cpu.array), np.asarray(gpu.array)
     assert a.shape == b.shape and b.max() < 19
     assert (a == b).mean() > 0.99  # float differences may flip near-ties only
+
+
+# ------------------------------------------------------- the default model and its labels
+def test_predict_names_a_cityscapes_segformer_by_its_hub_id_by_default() -> None:
+    args = pseudolabel_cli._parser().parse_args(["predict", "--root", "r", "--cache-dir", "c"])
+    assert args.model == DEFAULT_SEGMENTATION_MODEL == (
+        "nvidia/segformer-b5-finetuned-cityscapes-1024-1024")
+
+
+@pytest.mark.parametrize(("names", "error"), [
+    (list(CLASS_NAMES), None),  # the nvidia Cityscapes SegFormers' id2label
+    ([f"LABEL_{i}" for i in range(19)], None),  # no names: taken on the count
+    (["sidewalk", "road", *CLASS_NAMES[2:]], "names output 0 'sidewalk' where the Cityscapes "
+                                             "train id 0 is 'road' (2 of 19 differ)"),
+    ([*CLASS_NAMES[:18], "license plate"], "output 18 'license plate'"),
+])
+def test_a_model_must_predict_the_cityscapes_train_ids_in_order(names: list[str],
+                                                                error: str | None) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SegformerConfig(num_labels=19,
+                                          id2label=dict(enumerate(names)))
+    if error is None:
+        pseudolabel.check_cityscapes_labels("m", config)
+    else:
+        with pytest.raises(DataError, match=re.escape(error)):
+            pseudolabel.check_cityscapes_labels("m", config)
+    with pytest.raises(DataError, match="predicts 35 classes"):
+        pseudolabel.check_cityscapes_labels("m", transformers.SegformerConfig(num_labels=35))
+
+
+def test_prepare_makes_pseudo_labels_as_one_step(tmp_path: Path, tiny_segformer: Path) -> None:
+    """data.download=true with data.prepare.pseudo_labels=predict: the frames from KITTI's
+    archives (a local mirror here), then the label caches training reads."""
+    site = tmp_path / "site"
+    build_archives(make_raw_tree(tmp_path / "raw"), site)
+    lines = [f"{SERVED_DRIVE} {f} l" for f in range(1, 5)]
+    write_published_splits(site / "splits", {"eigen_zhou": {"train_files.txt": lines,
+                                                            "val_files.txt": lines[:2]}})
+    dm = KittiDataModule(tmp_path / "kitti", tmp_path / "splits" / "eigen_zhou", height=H,
+                         width=W, num_workers=0, frame_cache=False, label_source="predicted",
+                         cache_dir=tmp_path / "cache", download=True,
+                         prepare={"archive_url": str(site), "splits_url": str(site / "splits"),
+                                  "splits": [], "pseudo_labels": "predict",
+                                  "label_model": str(tiny_segformer), "label_device": "cpu"})
+    dm.prepare_data()
+    dm.setup("fit")
+    cache = np.load(tmp_path / "cache" / "labels_predicted_train_64x192.npy")
+    assert cache.shape == (4, H, W) and cache.max() < 19
+    assert torch.equal(dm.datasets["train"][0]["labels"], torch.from_numpy(
+        cache[0].astype(np.int64)))
+    assert (tmp_path / "cache" / "labels_predicted_val_64x192.npy").is_file()

@@ -4,7 +4,7 @@
         --height 192 --width 640 --cache-dir CACHE [--label-root ROOT/segmentation] \\
         [--label-format label_ids|train_ids] [--allow-missing]
     python -m fsre_lightning.pseudolabel predict --root ROOT --split-dir SPLITS --split train val \\
-        --height 192 --width 640 --cache-dir CACHE --model FOLDER_OR_HF_NAME \\
+        --height 192 --width 640 --cache-dir CACHE [--model FOLDER_OR_HUB_ID] \\
         [--device auto|cpu|cuda] [--batch-size 8] [--infer-size 384 1248] [--allow-download]
 
 Both write one uint8 train-id cache (19 Cityscapes classes, 255 void) per split into CACHE (the
@@ -21,8 +21,10 @@ data module's ``data.cache_dir``), at the training resolution, keyed by the spli
   whose 19 outputs are the train ids) on the native frames resized to ``--infer-size``, upsamples
   the logits bilinearly to the cache size and stores the argmax in
   ``labels_predicted_<split>_<H>x<W>``: train with ``data.label_source=predicted``. Weights come
-  from ``--model`` (a local folder or a Hugging Face cache name; nothing is downloaded unless
-  ``--allow-download``). Needs the optional extra: ``pip install 'fsre-lightning[seg]'``.
+  from ``--model`` (a local folder or a Hugging Face hub id, by default
+  nvidia/segformer-b5-finetuned-cityscapes-1024-1024; nothing is downloaded unless
+  ``--allow-download``, and without network that fails at once); its classes must be the 19
+  Cityscapes train ids in order. Needs the optional extra: ``pip install 'fsre-lightning[seg]'``.
 
 Builds show a progress bar, are resumable (an interrupted run continues where it stopped when run
 again with the same arguments) and are skipped when the cache is already up to date.
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from fsre_lightning.data.array_store import CacheError
 from fsre_lightning.data.kitti_layout import LABEL_FORMATS
+from fsre_lightning.data.kitti_sources import DEFAULT_SEGMENTATION_MODEL
 from fsre_lightning.data.label_caches import import_labels, predict_labels
 from fsre_lightning.errors import DataError
 from fsre_lightning.models.encoder import check_image_size
@@ -82,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", parents=[common], help="SegFormer predictions -> cache",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pred.add_argument("--model", required=True,
-                      help="SegformerForSemanticSegmentation folder (save_pretrained) or a name "
-                           "in the Hugging Face cache, with Cityscapes' 19 train ids")
+    pred.add_argument("--model", default=DEFAULT_SEGMENTATION_MODEL,
+                      help="SegformerForSemanticSegmentation folder (save_pretrained) or a "
+                           "Hugging Face hub id (in its cache, or with --allow-download), with "
+                           "Cityscapes' 19 train ids in order")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pred.add_argument("--batch-size", type=int, default=8)
     pred.add_argument("--infer-size", type=int, nargs=2, default=[384, 1248],

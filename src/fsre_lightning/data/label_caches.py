@@ -11,7 +11,9 @@ frame 0:
   SegformerForSemanticSegmentation) on the native frames resized to `infer_size`, upsamples the
   logits bilinearly to the cache size and stores the argmax in
   ``labels_predicted_<split>_<H>x<W>`` (``data.label_source=predicted``). Weights come from a
-  local folder or the Hugging Face cache; nothing is downloaded unless `allow_download`.
+  local folder or the Hugging Face cache (`DEFAULT_SEGMENTATION_MODEL` by default); nothing is
+  downloaded unless `allow_download`. The model's classes must be Cityscapes' 19 train ids in
+  order (checked by name when its config names them).
 
 Builds are resumable and skipped when the cache is up to date. The command line is
 `python -m fsre_lightning.pseudolabel` (`fsre_lightning.pseudolabel`).
@@ -20,6 +22,7 @@ Builds are resumable and skipped when the cache is up to date. The command line 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fsre_lightning.cityscapes import NUM_CLASSES, VOID
+from fsre_lightning.cityscapes import CLASS_NAMES, NUM_CLASSES, VOID
 from fsre_lightning.data.array_store import ArrayCache, CachedArray, file_signature
 from fsre_lightning.data.decode import read_rgb
 from fsre_lightning.data.frame_cache import build_label_cache, cache_name, frame_key, unique_rows
@@ -41,7 +44,9 @@ from fsre_lightning.data.kitti_layout import (
     read_split,
     resolve_images,
 )
-from fsre_lightning.errors import DataError
+from fsre_lightning.data.kitti_sources import DEFAULT_SEGMENTATION_MODEL
+from fsre_lightning.errors import DataError, first_line
+from fsre_lightning.models.pretrained import hub_unreachable
 from fsre_lightning.runtime import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,23 +97,57 @@ def import_labels(
 # --------------------------------------------------------------------------- predict
 def load_segformer(model: str, device: torch.device, allow_download: bool = False
                    ) -> torch.nn.Module:
-    """A Cityscapes SegformerForSemanticSegmentation (19 outputs) in eval mode on `device`."""
+    """A Cityscapes SegformerForSemanticSegmentation (19 outputs) in eval mode on `device`:
+    from a folder, the Hugging Face cache, or (`allow_download`, when the hub can be reached)
+    downloaded into that cache. Without network the error comes at once, not after the hub
+    client's retries."""
     try:
         from transformers import SegformerForSemanticSegmentation
     except ImportError as err:
         raise ImportError(f"pseudolabel predict needs transformers: {SEG_EXTRA_HINT}") from err
     try:
-        net = SegformerForSemanticSegmentation.from_pretrained(
-            model, local_files_only=not allow_download)
+        net = SegformerForSemanticSegmentation.from_pretrained(model, local_files_only=True)
     except OSError as err:
-        raise DataError(f"cannot load SegFormer weights from --model {model!r}: {err}. Give a "
-                        f"folder written by save_pretrained, a name already in the Hugging Face "
-                        f"cache, or --allow-download") from err
-    if net.config.num_labels != NUM_CLASSES:
-        raise DataError(f"--model {model!r} predicts {net.config.num_labels} classes; a "
-                        f"Cityscapes model with the {NUM_CLASSES} train ids is needed (e.g. "
-                        f"nvidia/segformer-b5-finetuned-cityscapes-1024-1024)")
+        if Path(model).exists() or not allow_download:
+            raise DataError(f"cannot load the segmentation model {model!r}: {first_line(err)}. "
+                            "Give a folder written by save_pretrained, a hub id already in the "
+                            "Hugging Face cache, or allow the download (pseudolabel predict "
+                            "--allow-download)") from None
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise DataError(f"the segmentation model {model!r} is not in the Hugging Face cache "
+                            f"and there is no network ({unreachable}): give a folder written by "
+                            f"save_pretrained, or fill the cache on a machine with network (`hf "
+                            f"download {model}`) and copy it here") from None
+        try:
+            net = SegformerForSemanticSegmentation.from_pretrained(model)
+        except OSError as err:
+            raise DataError(f"cannot download the segmentation model {model!r}: "
+                            f"{first_line(err)}: check the hub id") from None
+    check_cityscapes_labels(model, net.config)
     return net.eval().to(device)
+
+
+def check_cityscapes_labels(model: str, config: Any) -> None:
+    """The model predicts the 19 Cityscapes train ids, in their order: by count, and by name
+    when its config names its classes (a model with generic names LABEL_0.. is taken as is)."""
+    if config.num_labels != NUM_CLASSES:
+        raise DataError(f"the segmentation model {model!r} predicts {config.num_labels} "
+                        f"classes; a Cityscapes model with the {NUM_CLASSES} train ids is needed "
+                        f"(e.g. {DEFAULT_SEGMENTATION_MODEL})")
+    names = [str(config.id2label.get(i, config.id2label.get(str(i), ""))) for i in
+             range(NUM_CLASSES)] if getattr(config, "id2label", None) else []
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return
+    normal = [n.lower().replace("_", " ").replace("-", " ").strip() for n in names]
+    wrong = [(i, names[i], CLASS_NAMES[i]) for i in range(NUM_CLASSES)
+             if normal[i] != CLASS_NAMES[i]]
+    if wrong:
+        i, got, want = wrong[0]
+        raise DataError(f"the segmentation model {model!r} names output {i} {got!r} where the "
+                        f"Cityscapes train id {i} is {want!r} ({len(wrong)} of {NUM_CLASSES} "
+                        f"differ): its classes are not Cityscapes' train ids in order; use a "
+                        f"Cityscapes model such as {DEFAULT_SEGMENTATION_MODEL}")
 
 
 def normalisation(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -9,7 +9,10 @@
    `~/.cache/huggingface/hub`) for the model's `hf_hub_id`, probed with `HF_HUB_OFFLINE=1`;
 3. the torch hub cache (`$TORCH_HOME/hub/checkpoints`) for the model's legacy URL;
 4. a download from the Hugging Face hub into its standard cache (as timm does), unless
-   `HF_HUB_OFFLINE` is set or there is no network.
+   `HF_HUB_OFFLINE` is set or there is no network. Whether the hub can be reached is asked
+   once, with one connection attempt of a few seconds (`hub_unreachable`), before the hub
+   client is: without network it would retry each file five times with growing pauses and a
+   warning each (a minute of noise before the same error).
 
 If none gives the file, `PretrainedWeightsNotFound` names it and says how to provide it.
 `pretrained="auto"` (the demo's setting) never downloads: a local copy or random init.
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +107,55 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# Seconds one connection attempt to the hub may take: a machine with network answers in well
+# under a second; one without fails at once (no route, no name) or never (packets dropped).
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _connect(host: str, port: int, timeout: float) -> str | None:
+    """One TCP connection to host:port within `timeout` seconds in all (name lookup
+    included, which socket's own timeout does not bound); None, or why it failed."""
+    outcome: list[str | BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{type(err).__name__}: {err.strerror or err}")
+        except BaseException as err:  # not a network answer (a test forbidding connections)
+            outcome.append(err)
+
+    # A daemon thread: a name lookup that hangs must not keep the process from exiting.
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        return f"no answer within {timeout:.0f} s"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub (`HF_ENDPOINT`, through the proxy the environment names) cannot
+    be reached now, or None when a connection to it opens."""
+    try:
+        from huggingface_hub import constants
+
+        endpoint = str(constants.ENDPOINT)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        endpoint = "https://huggingface.co"
+    target = urlparse(endpoint)
+    host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxied = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxied.hostname or host, proxied.port or 80
+    why = _connect(host, port, timeout)
+    return None if why is None else f"{endpoint} cannot be reached ({why})"
+
+
 def _download_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, str]:
     """Download the model's weights from the Hugging Face hub into its standard cache.
 
@@ -111,6 +166,9 @@ def _download_weights(pretrained_cfg: dict[str, Any]) -> tuple[Path | None, str]
         return None, "the model has no Hugging Face hub id to download from"
     if _hub_offline():
         return None, "HF_HUB_OFFLINE is set, so nothing was downloaded"
+    unreachable = hub_unreachable()
+    if unreachable:
+        return None, f"there is no network: {unreachable}"
     from huggingface_hub import hf_hub_download
 
     repo_id, _, revision = str(hub_id).partition("@")
