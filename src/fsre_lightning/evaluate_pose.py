@@ -7,8 +7,11 @@
 Monodepth2's protocol (docs/design.md 3.16): the pose network's motion of every consecutive
 frame pair, chained over 5-frame snippets, each snippet scaled to the ground truth by least
 squares; the mean and standard deviation of the snippets' trajectory error (ATE, metres) per
-sequence are printed as Monodepth2 prints them and written as JSON. Every sequence's files are
-checked before the network runs.
+sequence are printed as Monodepth2 prints them and written as JSON. Beside the JSON, each
+sequence's predicted motions are saved as the field's scripts save them (Monodepth2's
+`poses.npy`): `<json stem>.motions-<seq>.npy`, float64 (N - 1) x 4 x 4, the network's transform
+of each consecutive frame pair (i, i + 1). Every sequence's files are checked before the
+network runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from fsre_lightning.config import validate_config
@@ -44,6 +48,11 @@ def default_metrics_path(ckpt_path: Path, sequences: Sequence[int]) -> Path:
     """Next to the checkpoint, named after it and the sequences: last.eval-pose-09-10.json."""
     names = "-".join(sequence_name(s) for s in sequences)
     return ckpt_path.with_name(f"{ckpt_path.stem}.eval-pose-{names}.json")
+
+
+def motions_path(metrics_path: Path, sequence: str) -> Path:
+    """Where a sequence's predicted motions go: last.eval-pose-09-10.motions-09.npy."""
+    return metrics_path.with_name(f"{metrics_path.stem}.motions-{sequence}.npy")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -82,18 +91,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("network input %d x %d (from %s)", height, width, source)
 
     results: dict[str, Any] = {"sequences": {}}
+    motions: dict[str, np.ndarray] = {}
     for sequence in data:
         log.info("sequence %s: %d frames", sequence.name, len(sequence.frames))
         predicted = predict_motions(module.pose_net, sequence.frames, (height, width),
                                     int(cfg.batch_size), device)
         errors = trajectory_errors(relative_motions(sequence.poses), predicted)
-        results["sequences"][sequence.name] = {**summarise(errors),
-                                               "num_frames": len(sequence.frames)}
+        motions[sequence.name] = predicted
+        results["sequences"][sequence.name] = {
+            **summarise(errors), "num_frames": len(sequence.frames),
+            "motions_file": motions_path(metrics_path, sequence.name).name}
     results["settings"] = {
         "checkpoint": str(ckpt_path), "odom_root": str(cfg.odom_root), "height": height,
         "width": width, "track_length": TRACK_LENGTH, "device": str(device),
     }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    for name, predicted in motions.items():
+        np.save(motions_path(metrics_path, name), np.asarray(predicted, dtype=np.float64))
     metrics_path.write_text(json.dumps(results, indent=2))
     print_report(results)
     print(f"metrics written to {metrics_path}")

@@ -5,13 +5,15 @@ maths on the float32 scans, the devkit's 1-based pixel convention (round, then m
 nearest point winning where several land on one pixel, and the point's velodyne x as depth.
 A missing or malformed file is a DataError naming it: a scan that is empty, truncated, holds
 non-finite or out-of-range coordinates (not a velodyne scan), or has no point inside the
-camera's image is rejected when the ground truth is exported, never scored as an empty map.
+camera's image is rejected when the ground truth is exported, never scored as an empty map; a
+scan with far fewer points than KITTI's (`SPARSE_SCAN_POINTS`) is exported with a warning.
 `export_gt_depths` writes a split's maps into the archive the data module and `evaluate` read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -28,11 +30,17 @@ from fsre_lightning.data.kitti_layout import (
 )
 from fsre_lightning.errors import DataError
 
+log = logging.getLogger(__name__)
+
 _FLOAT_CHARS = set("0123456789.e+- ")
 _POINT_BYTES = 16  # four float32 per velodyne point
 # The HDL-64E measures up to 120 m: a coordinate beyond this is not a return of the sensor
 # (random bytes read as float32 give values up to 3e38).
 MAX_RANGE_M = 200.0
+# A KITTI raw scan holds ~100,000-130,000 points (the sample's: 113,500-123,400). Far fewer is a
+# truncated file whose length happens to be a multiple of 16 bytes: it passes every other check
+# and gives a fraction of the usual ground-truth pixels, so export_gt warns.
+SPARSE_SCAN_POINTS = 40_000
 
 
 def read_calib_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray | str]:
@@ -164,7 +172,26 @@ def export_gt_depths(root: str | os.PathLike[str], split_file: str | os.PathLike
     check_scans(root, entries)
     lines = track(entries, description="velodyne ground truth") if progress else entries
     depths: list[np.ndarray] = []
+    sparse: dict[Path, int] = {}
     for entry in lines:
         calib_dir, scan = scan_files(root, entry)
         depths.append(velodyne_depth(calib_dir, scan, SIDE_TO_CAMERA[entry.side]))
+        points = scan.stat().st_size // _POINT_BYTES
+        if points < SPARSE_SCAN_POINTS:
+            sparse[scan] = points
+    warn_sparse_scans(sparse, len(entries))
     return save_gt_depths(output, depths)
+
+
+def warn_sparse_scans(sparse: dict[Path, int], total: int) -> None:
+    """One warning naming the scans with far fewer points than a KITTI scan has (exported all
+    the same: the file may be right, but a truncated one scores on a fraction of the pixels)."""
+    if not sparse:
+        return
+    listed = ", ".join(f"{path} ({points} points)" for path, points in list(sparse.items())[:3])
+    more = f" and {len(sparse) - 3} more" if len(sparse) > 3 else ""
+    log.warning("%d of %d velodyne scans hold fewer than %d points, where a KITTI scan holds "
+                "about 120000: %s%s. A truncated file gives a fraction of the ground-truth "
+                "pixels: compare their sizes with the raw archive's (re-extract it, or prepare "
+                "the data again with python -m fsre_lightning.prepare_kitti)", len(sparse), total,
+                SPARSE_SCAN_POINTS, listed, more)
