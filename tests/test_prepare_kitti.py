@@ -291,6 +291,9 @@ def test_an_unwritable_root_is_one_line(tmp_path: Path, server: ArchiveServer) -
     assert result.returncode == 2
     assert f"data.root='{tmp_path / 'file' / 'kitti'}' cannot be written" in line
     assert not server.gets
+    dry = run_main(prepare_kitti.main, [*args(tmp_path, server), "dry_run=true",
+                                        f"data.root={tmp_path / 'file' / 'kitti'}"])
+    assert dry.returncode == 2 and "cannot be written" in one_line(dry.stderr)
 
 
 def test_dry_run_fetches_nothing_and_refuses_what_does_not_fit(

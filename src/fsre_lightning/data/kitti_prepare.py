@@ -55,6 +55,7 @@ from fsre_lightning.data.kitti_sources import (
     needed_drives,
     plan_archives,
     source_hint,
+    test_drives,
 )
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,18 @@ def make_pseudo_labels(cfg: DataSettings, progress: bool) -> list[str]:
     return done
 
 
+def _check_could_write(root: Path) -> None:
+    """What a dry run can tell without writing: root, or the folder it would be made in, is a
+    writable folder."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise DataError(f"data.root={str(root)!r} cannot be written ({existing} is not a "
+                        "writable folder): choose a folder you can write to, or fix its "
+                        "permissions")
+
+
 def prepare_kitti(cfg: DataSettings, dry_run: bool = False, progress: bool | None = None
                   ) -> Plan:
     """Make what `cfg`'s splits need present under cfg.root (module docstring); with
@@ -338,6 +351,7 @@ def prepare_kitti(cfg: DataSettings, dry_run: bool = False, progress: bool | Non
     if progress is None:
         progress = sys.stderr.isatty()
     if dry_run:
+        _check_could_write(root)
         # Its locks in a temporary folder: a dry run writes nothing under root.
         with tempfile.TemporaryDirectory(prefix="fsre-prepare-") as tmp:
             splits = ensure_split_files(cfg, Path(tmp), dry_run=True)
@@ -348,7 +362,7 @@ def prepare_kitti(cfg: DataSettings, dry_run: bool = False, progress: bool | Non
     drives = needed_drives(splits)
     offsets = sorted(set(cfg.frame_ids))
     on_disk = drives_on_disk(root, splits, offsets)
-    archives = plan_archives(drives, options)
+    archives = plan_archives(drives, options, test_drives(splits) or drives)
     items = [_inspect(root, staging, a, options, on_disk) for a in archives]
     _sizes(items, options)
     plan = Plan(root, splits, drives, items, free=downloads.free_bytes(root),

@@ -72,8 +72,8 @@ class KittiPrepareConfig:
     # Published split folders (siblings of data.split_dir) fetched when missing; the drives of
     # the raw ones among them are fetched too (the default: Eigen-Zhou training, Eigen test).
     splits: list[str] = field(default_factory=lambda: list(PUBLISHED_SPLITS))
-    # annotated (data_depth_annotated, the split's drives), odometry (colour + poses of
-    # odometry_sequences), semantics (KITTI 2015 data_semantics).
+    # annotated (data_depth_annotated, the maps of the test splits' drives), odometry (colour
+    # images of odometry_sequences, and the poses), semantics (KITTI 2015 data_semantics).
     extras: list[str] = field(default_factory=list)
     odometry_sequences: list[int] = field(default_factory=lambda: [9, 10])
     jpeg: bool = False
@@ -294,13 +294,23 @@ def needed_drives(splits: SplitFiles) -> list[str]:
     return list(drives)
 
 
-def plan_archives(drives: Sequence[str], options: KittiPrepareConfig) -> list[Archive]:
-    """Every archive to make present: each day's calibration, each drive, then the extras."""
+def test_drives(splits: SplitFiles) -> list[str]:
+    """The drives of the test split files (what export_gt scores against ground truth)."""
+    return list(dict.fromkeys(e.folder for path, entries in splits.entries.items()
+                              if path.name.startswith("test") for e in entries))
+
+
+def plan_archives(drives: Sequence[str], options: KittiPrepareConfig,
+                  annotated_drives: Sequence[str] | None = None) -> list[Archive]:
+    """Every archive to make present: each day's calibration, each drive, then the extras; of
+    data_depth_annotated only the maps of `annotated_drives` (default: every drive), the
+    test splits' in a preparation, are unpacked."""
     dates = sorted({d.split("/")[0] for d in drives})
     archives = [Archive("calibration", calibration_archive(d)) for d in dates]
     archives += [Archive("drive", drive_archive(d)) for d in drives]
     if "annotated" in options.extras:
-        names = tuple(sorted(d.split("/")[1] for d in drives))
+        chosen = drives if annotated_drives is None else annotated_drives
+        names = tuple(sorted(d.split("/")[1] for d in chosen))
         archives.append(Archive("annotated", "data_depth_annotated.zip",
                                 EXTRA_FOLDERS["annotated"], names, select_at=1))
     if "odometry" in options.extras:
