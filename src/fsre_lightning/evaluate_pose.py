@@ -110,7 +110,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         np.save(motions_path(metrics_path, name), np.asarray(predicted, dtype=np.float64))
     metrics_path.write_text(json.dumps(results, indent=2))
     print_report(results)
-    print(f"metrics written to {metrics_path}")
+    print(f"metrics written to {metrics_path}, the predicted motions beside it "
+          f"({', '.join(s['motions_file'] for s in results['sequences'].values())})")
     return results
 
 
