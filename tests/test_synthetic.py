@@ -154,11 +154,12 @@ def test_generate_layout_splits_and_regeneration(tmp_path):
     assert marker.stat().st_mtime_ns == mtime
     assert first_png.stat().st_mtime_ns == png_mtime
 
-    # Different parameters: old content is removed and regenerated.
-    generate_synthetic_kitti(root, workers=1, **{**kwargs, "frames_per_drive": 5})
-    assert json.loads(marker.read_text())["frames_per_drive"] == 5
-    assert not (root / DATE / drives[0] / "image_02" / "data" / f"{5:010d}.png").exists()
-    assert len((split_dir / "test_files.txt").read_text().splitlines()) == 3
+    # Different parameters: another world is never rewritten in place (issue 29).
+    with pytest.raises(DataError, match=r"holds another synthetic world \(frames_per_drive 6 "
+                                        r"there, 5 asked\)"):
+        generate_synthetic_kitti(root, workers=1, **{**kwargs, "frames_per_drive": 5})
+    assert json.loads(marker.read_text())["frames_per_drive"] == 6
+    assert marker.stat().st_mtime_ns == mtime and first_png.stat().st_mtime_ns == png_mtime
 
 
 def test_interrupted_generation_is_redone(tmp_path):

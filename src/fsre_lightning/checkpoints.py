@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import tempfile
@@ -34,6 +35,8 @@ MAX_KEYS_SHOWN = 8
 # a release before TRAINING_DATA_KEY existed hold it.
 TRAINING_DATA_KEY = "training_data"
 INPUT_SIZE_KEY = "input_size"
+# In TRAINING_DATA_KEY: the training run's data config (its `data` group, checked and complete).
+DATA_CONFIG_KEY = "data_config"
 
 
 def training_data_entry(height: int, width: int, intrinsics: Sequence[float],
@@ -51,11 +54,16 @@ def training_data_entry(height: int, width: int, intrinsics: Sequence[float],
 
 def describe_training(checkpoint: dict[str, Any], trainer: Any, segmentation: bool) -> None:
     """Store in `checkpoint` what it needs to be used alone: the description of the trainer's
-    data (`training_data_entry`)."""
+    data (`training_data_entry`), with the data module's checked config (`DATA_CONFIG_KEY`,
+    plain types), from which `evaluate` scores the data the model was trained on."""
     data = getattr(trainer, "datamodule", None)
     if data is not None and hasattr(data, "intrinsics"):
-        checkpoint[TRAINING_DATA_KEY] = training_data_entry(
-            data.height, data.width, data.intrinsics, data.frame_ids, segmentation)
+        entry = training_data_entry(data.height, data.width, data.intrinsics, data.frame_ids,
+                                    segmentation)
+        config = getattr(data, "config", None)
+        if dataclasses.is_dataclass(config):
+            entry[DATA_CONFIG_KEY] = dataclasses.asdict(config)
+        checkpoint[TRAINING_DATA_KEY] = entry
 
 
 class CheckpointMismatchError(UserError, ValueError):

@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fsre_lightning.checkpoints import (
+    DATA_CONFIG_KEY,
     INPUT_SIZE_KEY,
     TRAINING_DATA_KEY,
     CheckpointMismatchError,
@@ -97,6 +98,16 @@ def training_data(ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
         return dict(entry)
     size = checkpoint.get(INPUT_SIZE_KEY)
     return {INPUT_SIZE_KEY: list(size)} if isinstance(size, list | tuple) else {}
+
+
+def training_data_config(ckpt_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The data config (`data` group) the checkpoint was trained with: recorded in it, or in
+    its run folder's config.yaml (older checkpoints, with a warning); None when neither says."""
+    recorded = training_data(ckpt_path).get(DATA_CONFIG_KEY)
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    value = run_config_value(ckpt_path, "data") if Path(ckpt_path).is_file() else None
+    return dict(value) if isinstance(value, dict) else None
 
 
 _warned_legacy: set[Path] = set()

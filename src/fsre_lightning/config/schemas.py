@@ -30,6 +30,7 @@ from fsre_lightning.config.checks import (
 )
 from fsre_lightning.data.kitti_layout import GT_SOURCES, check_intrinsics
 from fsre_lightning.models.encoder import check_image_size
+from fsre_lightning.scoring.metrics import PROTOCOLS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed",
@@ -291,11 +292,15 @@ class EvaluateConfig(_CheckpointEntry):
     data: Any = None
     post_process: bool = MISSING
     median_scaling: bool = MISSING
+    protocol: str = MISSING
+    pred_depth_scale_factor: float = MISSING
     semantics_dir: str | None = MISSING
     metrics_path: str | None = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("protocol", self.protocol, PROTOCOLS)
+        check_number("pred_depth_scale_factor", self.pred_depth_scale_factor, lo=0, strict=True)
         for key in ("semantics_dir", "metrics_path"):
             check_path(key, getattr(self, key), nullable=True)
 

@@ -133,8 +133,9 @@ def generate_synthetic_kitti(
 ) -> Path:
     """Write the synthetic data set under root in the KITTI raw layout; returns root.
 
-    Skipped when root/synthetic.json records the same parameters of a complete generation;
-    otherwise earlier synthetic content is removed first. A root that exists, is not empty and
+    Skipped when root/synthetic.json records the same parameters of a complete generation; a
+    complete generation with other parameters is a DataError (another world is never
+    rewritten); an interrupted one is removed and redone. A root that exists, is not empty and
     holds no synthetic.json (e.g. a real KITTI copy) is a DataError: nothing is written there.
     The last drive is the test split, the one before it val, the rest train; split lines
     exclude each drive's first and last frame.
@@ -153,9 +154,20 @@ def generate_synthetic_kitti(
             recorded = json.loads(marker.read_text())
         except (OSError, ValueError):
             recorded = {}
-        if recorded.pop("complete", True) and recorded == params:
+        complete = recorded.pop("complete", True)
+        if complete and recorded == params:
             logger.info("synthetic data at %s is up to date", root)
             return root
+        if complete and recorded:
+            # Another world (a copy of the smoke scenes, the demo's): never rewritten in place,
+            # which would destroy what a run or a checkpoint was trained on.
+            differ = ", ".join(f"{k} {recorded.get(k)!r} there, {v!r} asked"
+                               for k, v in params.items() if recorded.get(k) != v)
+            raise DataError(
+                f"data.root={root} holds another synthetic world ({differ}); it is not "
+                "regenerated in place: give data.synthetic the settings it was made with, or a "
+                "new or empty folder as data.root (evaluate takes the checkpoint's own data "
+                "config when no data.* is set)")
     elif root.is_dir() and any(root.iterdir()):
         raise DataError(
             f"data.root={root} is not empty and was not written by the synthetic scene "
@@ -187,8 +199,10 @@ def generate_synthetic_kitti(
     write_split(split_dir / "train_files.txt", lines(range(num_drives - 2)))
     write_split(split_dir / "val_files.txt", lines([val_drive]))
     write_split(split_dir / "test_files.txt", lines([test_drive]))
-    save_gt_depths(split_dir / GT_FILE_NAMES["val"], depths[val_drive] or [])
-    save_gt_depths(split_dir / GT_FILE_NAMES["test"], depths[test_drive] or [])
+    for stage, drive in (("val", val_drive), ("test", test_drive)):
+        gt_file = save_gt_depths(split_dir / GT_FILE_NAMES[stage], depths[drive] or [])
+        # What the ground truth is, for evaluate's record (and its protocol=auto).
+        gt_file.with_suffix(".json").write_text(json.dumps({"source": "rendered"}) + "\n")
     _write_marker(marker, params)  # last: it marks the generation complete
     elapsed = time.perf_counter() - start
     logger.info("generated %d synthetic drives x %d frames (%d x %d) at %s in %.1f s",

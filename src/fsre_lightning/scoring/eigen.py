@@ -73,6 +73,8 @@ def evaluate_eigen(
     crop: str = "garg",
     min_depth: float = 1e-3,
     max_depth: float = 80.0,
+    cap_gt: bool = True,
+    scale_factor: float = 1.0,
 ) -> dict[str, float]:
     """Eigen-protocol depth metrics of a set of predictions, averaged over images (design 3.13).
 
@@ -82,9 +84,10 @@ def evaluate_eigen(
     `gt_depths`: the H x W metric ground truth of each image at native resolution, 0 = none
     (e.g. `load_gt_depths`). Both are consumed in step, so generators work.
 
-    Per image: valid pixels are min_depth < gt < max_depth, inside the Garg crop when
-    crop="garg"; with median scaling the prediction is multiplied by median(gt) /
-    median(pred) over those pixels; then it is clamped to [min_depth, max_depth]. Images
+    Per image: valid pixels are min_depth < gt < max_depth (every gt > 0 with
+    `cap_gt=False`, the improved-ground-truth protocol), inside the Garg crop when
+    crop="garg"; the prediction is multiplied by `scale_factor`, with median scaling then by
+    median(gt) / median(pred) over those pixels, and clamped to [min_depth, max_depth]. Images
     without a valid pixel are skipped (not in num_frames; counted in num_frames_without_gt).
 
     Returns abs_rel, sq_rel, rmse, rmse_log, a1, a2, a3 (means over images), ratio_median and
@@ -92,7 +95,7 @@ def evaluate_eigen(
     median; reported without median scaling too, where the ratios are not applied) and
     num_frames.
     """
-    metric = DepthMetrics(min_depth, max_depth, crop, median_scaling)
+    metric = DepthMetrics(min_depth, max_depth, crop, median_scaling, cap_gt, scale_factor)
     preds, gts = iter(pred_disps), iter(gt_depths)
     for index in itertools.count():
         pred, gt = next(preds, _END), next(gts, _END)
@@ -174,15 +177,21 @@ def _predictions(module: FSREModule, datamodule: KittiDataModule, post_process: 
 
 
 def evaluate_depth(module: FSREModule, datamodule: KittiDataModule, post_process: bool,
-                   median_scaling: bool, device: torch.device) -> dict[str, float]:
-    """Eigen-protocol metrics of the test split (see `evaluation.evaluate_eigen`)."""
+                   median_scaling: bool, device: torch.device, protocol: str = "eigen",
+                   scale_factor: float = 1.0) -> dict[str, float]:
+    """Metrics of the test split (see `evaluate_eigen`) under `protocol`: "eigen" (the data
+    config's crop, ground truth capped to its depth range) or "improved" (every gt > 0, no
+    crop, no cap: Monodepth2's improved-ground-truth protocol)."""
     # evaluate_eigen takes predictions and ground truth as two streams, consumed in step:
     # tee keeps at most one pair buffered, so no split-sized array is ever held.
     preds, gts = itertools.tee(_predictions(module, datamodule, post_process, device))
+    eigen = protocol == "eigen"
     return evaluate_eigen((p for p, _ in preds), (g for _, g in gts),
-                          median_scaling=median_scaling, crop=datamodule.eval_crop,
+                          median_scaling=median_scaling,
+                          crop=datamodule.eval_crop if eigen else "none",
                           min_depth=datamodule.min_depth_eval,
-                          max_depth=datamodule.max_depth_eval)
+                          max_depth=datamodule.max_depth_eval, cap_gt=eigen,
+                          scale_factor=scale_factor)
 
 
 def semantic_pairs(semantics_dir: Path) -> list[tuple[Path, Path]]:

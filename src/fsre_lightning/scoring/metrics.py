@@ -30,6 +30,12 @@ DISPLAY_NAMES: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse":
                                  "miou": "mIoU"}
 # garg: the Garg/Eigen crop of KITTI's frames; none: every pixel with ground truth.
 EVAL_CROPS = ("garg", "none")
+# How a test split is scored (evaluate's `protocol`): eigen = Garg crop (data.eval_crop) and
+# ground truth capped to (min_depth, max_depth); improved = Monodepth2's protocol of the
+# improved (annotated) ground truth: every pixel with gt > 0, no crop, no cap on the ground
+# truth. Both clamp the prediction to [min_depth, max_depth]; auto = improved for annotated
+# ground truth, eigen otherwise.
+PROTOCOLS = ("auto", "eigen", "improved")
 
 # Garg/Eigen crop as fractions of the ground-truth size (rows, then columns).
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
@@ -84,10 +90,13 @@ def depth_errors(
 
 
 def eval_mask(
-    gt: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 80.0, crop: str = "garg"
+    gt: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 80.0, crop: str = "garg",
+    cap_gt: bool = True,
 ) -> torch.Tensor:
-    """Valid-pixel mask of an H x W ground-truth map: depth range and optional Garg crop."""
-    mask = (gt > min_depth) & (gt < max_depth)
+    """Valid-pixel mask of an H x W ground-truth map: min_depth < gt < max_depth (`cap_gt`,
+    the Eigen protocol) or every pixel with ground truth, gt > 0 (the improved-ground-truth
+    protocol), and the optional Garg crop."""
+    mask = (gt > min_depth) & (gt < max_depth) if cap_gt else gt > 0
     if crop == "garg":
         top, bottom, left, right = garg_crop_box(*gt.shape[-2:])
         crop_mask = torch.zeros_like(mask)
@@ -105,13 +114,18 @@ def compute_depth_metrics(
     max_depth: float = 80.0,
     crop: str = "garg",
     median_scaling: bool = True,
+    cap_gt: bool = True,
+    scale_factor: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """Eigen protocol for one image: returns (errors, median ratio), or None without valid GT.
 
     `gt` is H x W metric depth (0 = none); `pred_disp` is h x w disparity (depth = 1 / disp) at
     any size: it is resized bilinearly to the GT size and inverted, as Monodepth2's evaluation
-    does. The ratio median(gt) / median(pred) over the valid pixels is returned in both modes
-    (it tells how far off the predicted scale is) but applied only when `median_scaling`.
+    does, then multiplied by `scale_factor` (Monodepth2's --pred_depth_scale_factor, for
+    metric models). The ratio median(gt) / median(pred) over the valid pixels is returned in
+    both modes (it tells how far off the predicted scale is) but applied only when
+    `median_scaling`. `cap_gt`: see `eval_mask`; the prediction is clamped to [min_depth,
+    max_depth] either way.
     """
     pred_disp = F.interpolate(
         pred_disp.reshape(1, 1, *pred_disp.shape[-2:]).double(),
@@ -119,8 +133,8 @@ def compute_depth_metrics(
         mode="bilinear",
         align_corners=False,
     )[0, 0]
-    pred = 1.0 / pred_disp
-    mask = eval_mask(gt, min_depth, max_depth, crop)
+    pred = scale_factor / pred_disp
+    mask = eval_mask(gt, min_depth, max_depth, crop, cap_gt)
     if not bool(mask.any()):
         return None
     gt_v = gt[mask].double()
@@ -143,10 +157,12 @@ class DepthMetrics(Metric):
         max_depth: float = 80.0,
         crop: str = "garg",
         median_scaling: bool = True,
+        cap_gt: bool = True,
+        scale_factor: float = 1.0,
     ) -> None:
         super().__init__()
         self.min_depth, self.max_depth, self.crop = min_depth, max_depth, crop
-        self.median_scaling = median_scaling
+        self.median_scaling, self.cap_gt, self.scale_factor = median_scaling, cap_gt, scale_factor
         self.add_state("sums", default=torch.zeros(len(DEPTH_METRIC_KEYS), dtype=torch.float64),
                        dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64),
@@ -171,7 +187,7 @@ class DepthMetrics(Metric):
                 g = g[:gh, :gw]
             result = compute_depth_metrics(
                 g, pred_disp[i, 0], self.min_depth, self.max_depth, self.crop,
-                self.median_scaling,
+                self.median_scaling, self.cap_gt, self.scale_factor,
             )
             if result is None:
                 self.without_gt += 1
