@@ -408,9 +408,10 @@ def format_plan(plan: Plan, dry_run: bool) -> str:
     if fetched:
         verb = "would write" if dry_run else "wrote"
         lines.append(f"split files: {verb} {len(fetched)}: {', '.join(fetched)}")
+    days = len({d.split("/")[0] for d in plan.drives})
     lines.append(f"split folders: {', '.join(str(f) for f in plan.splits.folders)} -> "
-                 f"{len(plan.drives)} drives of "
-                 f"{len({d.split('/')[0] for d in plan.drives})} days")
+                 f"{len(plan.drives)} drive{'s' * (len(plan.drives) != 1)} of {days} "
+                 f"day{'s' * (days != 1)}")
     width = max((len(i.archive.path) for i in plan.items), default=10)
     if dry_run:
         lines.append(f"  {'archive':<{width}}  {'size':>9}  state")
