@@ -21,6 +21,7 @@ from fsre_lightning.models import (
     PoseNetwork,
     PretrainedWeightsNotFound,
     build_encoder,
+    pretrained,
 )
 from fsre_lightning.models.decoder import DECODER_CHANNELS, MonodepthDecoder, skip_sources
 from fsre_lightning.models.encoder import check_encoder, probe_encoder, select_levels
@@ -613,6 +614,8 @@ def _empty_caches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download or forbidden)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # The hub "answers" its reachability check: no connection from a test.
+    monkeypatch.setattr(pretrained, "hub_unreachable", lambda *a, **k: None)
     return hf_cache
 
 
