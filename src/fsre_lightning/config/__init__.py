@@ -110,19 +110,46 @@ def _refuse_moved_keys(top: dict[str, Any]) -> None:
             raise ConfigError(f"{old} is not allowed: it is now {new}; set that instead")
 
 
+def _model_choice() -> str | None:
+    """The `model` config the command line chose (fsre, monodepth2), when Hydra says."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    try:
+        return HydraConfig.get().runtime.choices.get("model")
+    except Exception:  # a config without Hydra's runtime node
+        return None
+
+
 def _cross_group_rules(top: dict[str, Any], built: dict[str, Any]) -> None:
-    """Rules between groups, on their checked dataclasses (defaults filled in)."""
+    """Rules between groups, on their checked dataclasses (defaults filled in). The messages
+    name what the user chose: a weight set on a model that has no use for it is the weight's
+    mistake, not the model's."""
     data, model, loss = (built.get(k) for k in ("data", "model", "loss"))
     if model and loss:
-        raise_unless(model.network.segmentation or not loss.segmentation_weight,
-                     f"loss.segmentation_weight={loss.segmentation_weight!r} is not allowed: "
-                     "the model has no segmentation decoder (model.network.segmentation=false):"
-                     " use 0")
-        semantic = loss.segmentation_weight > 0 or (loss.sgt_weight > 0 and bool(loss.sgt_scales))
-        raise_unless(not (data and semantic and not data.use_labels),
-                     "data.use_labels=False is not allowed with loss.segmentation_weight > 0 or "
-                     "loss.sgt_weight > 0: the semantic losses need pseudo-labels (set "
-                     "data.use_labels=true, or train model=monodepth2)")
+        chosen = _model_choice()
+        semantic = {k: v for k, v in (("loss.segmentation_weight", loss.segmentation_weight),
+                                      ("loss.sgt_weight", loss.sgt_weight)) if v}
+        if not loss.sgt_scales:
+            semantic.pop("loss.sgt_weight", None)
+        without_labels = data is not None and not data.use_labels
+        if semantic and (without_labels or (not model.network.segmentation
+                                            and "loss.segmentation_weight" in semantic)):
+            key, value = next(iter(semantic.items()))
+            if not model.network.segmentation and "loss.segmentation_weight" in semantic:
+                key, value = "loss.segmentation_weight", semantic["loss.segmentation_weight"]
+            if chosen == "monodepth2":
+                why = ("model=monodepth2 has no segmentation decoder and reads no "
+                       "pseudo-labels: the semantic losses need both; leave it at 0, or "
+                       "train model=fsre")
+            elif key == "loss.segmentation_weight" and not model.network.segmentation:
+                why = ("the model has no segmentation decoder (model.network.segmentation="
+                       "false): use 0, or model.network.segmentation=true")
+            else:
+                why = ("the semantic losses need pseudo-labels and data.use_labels=false reads "
+                       "none: set data.use_labels=true, or use 0")
+            raise ConfigError(f"{key}={value!r} is not allowed: {why}")
     if top.get("effective_batch_size") is not None and top.get("trainer"):
         from fsre_lightning.distributed import effective_batch_split
 

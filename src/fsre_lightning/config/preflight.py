@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fsre_lightning.config import validate_config
-from fsre_lightning.errors import UserError
+from fsre_lightning.errors import UserError, first_line
 from fsre_lightning.runtime import CONFIG_DIR, EXIT_USER_ERROR, plain_optuna_logs, report_error
 from fsre_lightning.sweeps.context import HydraCallback
 
@@ -150,8 +150,8 @@ def check_before_hydra(entry: str, argv: Sequence[str]) -> None:
     """What Hydra would report in its own words, or not at all, checked before it runs: a
     missing optional plugin (exit 2, naming the extra), and, with `--cfg`/`-c` (Hydra prints
     the config and never runs the command), the config's rules, for every member of its sweep,
-    so a config that prints is one that starts. Other composition errors are left to Hydra's
-    own message."""
+    so a config that prints is one that starts. Every other composition error (a mistyped key
+    or group choice, a bad override) is one line too, with the closest known names."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
@@ -161,6 +161,12 @@ def check_before_hydra(entry: str, argv: Sequence[str]) -> None:
     args, _ = get_args_parser().parse_known_args(list(argv))
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
+    modes = [flag for flag, on in (("--run", args.run), ("--multirun", args.multirun),
+                                   ("--cfg", args.cfg)) if on]
+    if len(modes) > 1:
+        report_error(entry, f"{' and '.join(modes)} together: use one of them (--cfg prints the "
+                     "config and runs nothing; a sweep's members are checked when it starts)")
+        sys.exit(EXIT_USER_ERROR)
     overrides = list(args.overrides)
     if args.config_dir:
         overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
@@ -181,14 +187,65 @@ def check_before_hydra(entry: str, argv: Sequence[str]) -> None:
                 finally:  # the command that runs next (or a caller's process) sets its own
                     HydraConfig.instance().cfg = previous
     except HydraException as err:
-        plugin = missing_plugin(err)
-        if plugin is None:
-            return
-        problems = [plugin]
+        problems = [missing_plugin(err) or composition_error(err, entry, args, overrides)]
     for line in problems:
         report_error(entry, line)
     if problems:
         sys.exit(EXIT_USER_ERROR)
+
+
+_NOT_IN_STRUCT = re.compile(r"Could not override '([^']+)'")
+_NO_OPTION = re.compile(r"Could not find '([^']+)'")
+
+
+def composition_error(err: Exception, entry: str, args: Any, overrides: list[str]) -> str:
+    """Hydra's composition error as one line: a key that is not in the config, with the
+    closest known keys; a config choice that does not exist, with the group's options; any
+    other, its first line."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+
+    message = str(err)
+    key = _NOT_IN_STRUCT.search(message)
+    if key:
+        bad = key.group(1)
+        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != bad]
+        known: list[str] = []
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                known = _dotted_keys(OmegaConf.to_container(
+                    compose(args.config_name or entry, overrides=rest), resolve=False))
+        except Exception:  # a second mistake: the first one is reported, without suggestions
+            known = []
+        close = difflib.get_close_matches(bad, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return (f"{bad} is not a known key: {hint}(a new key on purpose is added with "
+                f"+{bad}=...)")
+    option = _NO_OPTION.search(message)
+    options = [str(o) for o in getattr(err, "options", None) or []]
+    if option and options:
+        group, _, choice = option.group(1).rpartition("/")
+        close = difflib.get_close_matches(choice, options, n=1, cutoff=0.5)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        return f"{group}={choice} is not a config of group {group}: {hint}one of {options}"
+    override = getattr(err, "override", None)
+    if override:  # the grammar's message alone does not say which argument it is about
+        return (f"cannot parse the override {override!r} ({first_line(err)}); see "
+                "https://hydra.cc/docs/advanced/override_grammar/basic")
+    return first_line(err)
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a config as a dotted path (nested mappings walked, lists kept whole)."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        keys.append(path)
+        keys += _dotted_keys(value, path)
+    return keys
 
 
 def _shown_config_problems(config: DictConfig, entry: str, multirun: bool) -> list[str]:
