@@ -243,3 +243,28 @@ def test_third_party_schemas_name_real_arguments_with_their_defaults() -> None:
                     torch_default = params[key].default
                     assert default == (list(torch_default) if isinstance(torch_default, tuple)
                                        else torch_default), (target, key)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["+experiment=smoke", "loss.sgt_margn=0.3"],
+     "loss.sgt_margn is not a known key: did you mean loss.sgt_margin"),
+    (["--multirun", "+experiment=smoke", "--cfg", "job"], "--multirun and --cfg together"),
+    (["data=kiti"], "data=kiti is not a config of group data: did you mean data=kitti?"),
+    (["model.optimizer.lr=1e-4,"], "cannot parse the override 'model.optimizer.lr=1e-4,'"),
+    (["model=monodepth2", "loss.sgt_weight=0.1", "--cfg", "job"],
+     "loss.sgt_weight=0.1 is not allowed: model=monodepth2 has no segmentation decoder"),
+])
+def test_command_line_mistakes_are_one_line_with_exit_2(argv: list[str], expected: str,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hydra's own reports (six lines and exit 1, a traceback for --multirun --cfg) and advice
+    that named the model the user had chosen became one line naming what to change."""
+    from fsre_lightning import train
+
+    monkeypatch.setenv("FSRE_OUTPUT_DIR", str(tmp_path))
+    assert train.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("fsre_lightning.train: error: ")
+    assert expected in lines[0] and not out
