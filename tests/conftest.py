@@ -2,7 +2,10 @@
 
 Tiers: tests marked `slow` start subprocesses or train end to end (resume after SIGKILL, DDP,
 sweeps, export, the command lines); `make test-fast` (pytest -m "not slow") is the inner loop,
-`make test` (what CI runs) runs everything.
+`make test` (what CI runs) runs everything. Both run on one pytest-xdist worker per core
+(`--dist loadgroup`: a worker takes the next test when it is nearly idle; tests that share an
+expensive module fixture carry one `xdist_group` mark). Commands run in-process through their
+`main(argv)` wherever no real signal, crash or second process is needed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,31 @@ from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, 
 # Tests never download: the Hugging Face hub is offline for the suite and every command it
 # starts (a download test mocks the hub).
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# The longest tests (each a minute or more of a worker's time on 2 cores), started first so
+# that the workers end together: the many short tests fill the time around them.
+START_FIRST = (
+    "tests/test_resume.py::test_a_chain_of_interruptions_resumes_bit_identical",
+    "tests/test_nonfinite.py::",
+    "tests/test_sweeps.py::test_a_killed_member_is_recorded_and_a_stopped_sweep_completes",
+    "tests/test_installed.py::",
+    "tests/test_experiments.py::test_ablation_h_smoke_sweep",
+    "tests/test_sweeps.py::test_a_diverging_member_fails_alone",
+    "tests/test_sweeps.py::test_optuna_search",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """START_FIRST, then the other slow tests, then the rest, each in collection order."""
+
+    def rank(item: pytest.Item) -> int:
+        for i, prefix in enumerate(START_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(START_FIRST) + (item.get_closest_marker("slow") is None)
+
+    order = {id(item): (rank(item), i) for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,8 @@ import pytest
 from nonfinite_injection import CASES, NAMED_TERM, POLICIES
 
 BACKENDS = ("eager", "aot_eager")
+# One worker runs the cases once for all tests of the module (the fixture is the cost).
+pytestmark = pytest.mark.xdist_group("nonfinite")
 
 
 @pytest.fixture(scope="module")
