@@ -260,7 +260,7 @@ SMALL_ENCODERS = ["model.network.encoder=test_resnet", "model.pose_network.encod
 
 
 def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run_command("train", [*args, *SMALL_ENCODERS], env, timeout=1200)
+    return run_command("train", [*SMALL_ENCODERS, *args], env, timeout=1200)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -259,6 +260,8 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
         assert reference.wait(timeout=600) == 0, (outputs / "straight.log").read_text()[-3000:]
     finally:
         reference.kill()
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["global_step"] == 18 and metrics["resumed_from"] == str(last)
     expected = _load(straight / "checkpoints" / "last.ckpt")
     got = _load(final / "checkpoints" / "last.ckpt")
     assert got["global_step"] == expected["global_step"] == 18
