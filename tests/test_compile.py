@@ -55,6 +55,7 @@ def step_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     return batch["frames"], batch["frames"], batch["K"], batch["inv_K"], batch["labels"]
 
 
+@pytest.mark.slow  # Dynamo traces the whole step: 10 to 20 s of a CPU
 def test_training_step_traces_as_one_graph() -> None:
     torch.manual_seed(0)
     module = FSREModule(network=SMALL, pose_network=SMALL_POSE, image_log_every_n_steps=0)
@@ -111,21 +112,21 @@ def test_compiled_step_equals_the_eager_step_in_float64(
 
 
 def test_compile_options_are_checked_and_step_compiles_the_training_step_only() -> None:
-    net = {**FULL, "segmentation": False, "cma_scales": []}
-    module = FSREModule(network=net, pose_network=POSE, compile="step")
+    net, pose = {**SMALL, "segmentation": False, "cma_scales": []}, SMALL_POSE
+    module = FSREModule(network=net, pose_network=pose, compile="step")
     assert module._compiled_step is not None and not module._cuda_graphs
     assert type(module.net).__name__ == "FSRENetwork"  # networks untouched: same names
-    plain = FSREModule(network=net, pose_network=POSE)
+    plain = FSREModule(network=net, pose_network=pose)
     assert list(module.state_dict()) == list(plain.state_dict())
     assert plain._compiled_step is None
-    assert FSREModule(network=net, pose_network=POSE, compile=True)._compiled_step is not None
-    graphs = FSREModule(network=net, pose_network=POSE, compile="step",
+    assert FSREModule(network=net, pose_network=pose, compile=True)._compiled_step is not None
+    graphs = FSREModule(network=net, pose_network=pose, compile="step",
                         compile_mode="reduce-overhead")
     assert graphs._cuda_graphs
     with pytest.raises(ConfigError, match="compile"):
-        FSREModule(network=net, pose_network=POSE, compile="everything")
+        FSREModule(network=net, pose_network=pose, compile="everything")
     with pytest.raises(ConfigError, match="compile_mode"):
-        FSREModule(network=net, pose_network=POSE, compile="step", compile_mode="fastest")
+        FSREModule(network=net, pose_network=pose, compile="step", compile_mode="fastest")
 
 
 class HostReads(TorchDispatchMode):

@@ -327,6 +327,7 @@ class _DecoderWithAttention(nn.Module):
         return (self.decoder.head(3, self.cma(x, x * 0.5 + 1)) * weight).sum()
 
 
+@pytest.mark.slow  # Dynamo and AOTAutograd: seconds
 def test_compiled_convolutions_are_planned_nhwc() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)

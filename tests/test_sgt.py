@@ -328,6 +328,7 @@ def test_sgt_validation(kwargs: dict[str, object], name: str) -> None:
         sgt_loss(**args)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # Dynamo and AOTAutograd: seconds per case
 @pytest.mark.parametrize("border", BORDERS)
 def test_sgt_compiles_without_graph_break_and_equals_eager(border: str) -> None:
     # fullgraph=True fails on any graph break (a host sync, an op Dynamo cannot trace); the
