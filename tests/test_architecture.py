@@ -114,3 +114,22 @@ def test_sources_cite_the_design_notes_not_an_outside_document() -> None:
     texts = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
     citing = [str(p.relative_to(ROOT)) for p in texts if outside in p.read_text()]
     assert not citing, citing
+
+
+def test_commands_import_neither_torch_nor_lightning_until_their_work_starts() -> None:
+    """Help, usage errors, --cfg and the config checks answer in a second (issue 29): no command
+    module, nor what the config checks read, imports torch, timm or Lightning at import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            f"for c in {list(COMMANDS)!r}: __import__('fsre_lightning.' + c)\n"
+            "import fsre_lightning.config.preflight, fsre_lightning.data.kitti_config\n"
+            "import fsre_lightning.data.video_folder_config, fsre_lightning.module_config\n"
+            "import fsre_lightning.loss_config, fsre_lightning.models.network_config\n"
+            "print(sorted(m for m in ('torch', 'timm', 'pytorch_lightning', 'kornia')"
+            " if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

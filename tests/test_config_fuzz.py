@@ -275,13 +275,13 @@ def test_train_run_validates_before_any_work(compose: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import hydra
 
-    from fsre_lightning import train
+    from fsre_lightning import train, training
 
     def no_work(*args: Any, **kwargs: Any) -> None:
         pytest.fail("instantiated something before the config was validated")
 
     monkeypatch.setattr(hydra.utils, "instantiate", no_work)
-    monkeypatch.setattr(train.pl, "seed_everything", no_work)
+    monkeypatch.setattr(training.pl, "seed_everything", no_work)
     cfg = compose("train", "+data.batchsize=4")
     with pytest.raises(ConfigError, match=r"data\.batchsize"):
         train.run(cfg)

@@ -335,14 +335,16 @@ class FakePose(torch.nn.Module):
 
 def _with_pose(monkeypatch: pytest.MonkeyPatch, motions: np.ndarray) -> None:
     """The command loads the checkpoint as usual; its pose network is replaced by FakePose."""
-    load = evaluate_pose.load_module
+    from fsre_lightning import trained  # the command imports it when its work starts
+
+    load = trained.load_module
 
     def load_module(ckpt_path: Any, device: torch.device) -> Any:
         module = load(ckpt_path, device)
         module.pose_net = FakePose(motions)
         return module
 
-    monkeypatch.setattr(evaluate_pose, "load_module", load_module)
+    monkeypatch.setattr(trained, "load_module", load_module)
 
 
 def test_known_answers_through_the_command(tmp_path: Path, checkpoint: Path,

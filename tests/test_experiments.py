@@ -30,7 +30,7 @@ from fsre_lightning.testing import (
     run_command,
     run_main,
 )
-from fsre_lightning.train import apply_effective_batch
+from fsre_lightning.training import apply_effective_batch
 
 EXPERIMENTS = experiments()
 PAPER_EXPERIMENTS = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin",

@@ -18,8 +18,9 @@ from fsre_lightning.errors import DataError
 from fsre_lightning.models.encoder import build_encoder
 from fsre_lightning.sweeps import tables as reporting
 from fsre_lightning.testing import compose_config
-from fsre_lightning.train import print_wandb_sync_hint, resolve_ckpt_path
+from fsre_lightning.tracking.wandb import print_wandb_sync_hint
 from fsre_lightning.trained import training_intrinsics, training_resolution
+from fsre_lightning.training import resolve_ckpt_path
 
 
 def _sweep_with_after_metrics_only(root: Path) -> Path:

@@ -34,7 +34,7 @@ from fsre_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoad
 from fsre_lightning.module import FSREModule
 from fsre_lightning.runtime import CONFIG_DIR, PREEMPTED_EXIT_CODE
 from fsre_lightning.testing import command_env
-from fsre_lightning.train import resolve_ckpt_path
+from fsre_lightning.training import resolve_ckpt_path
 
 # The tiny synthetic world of test_train_cli, the Monodepth2 baseline with timm's tiny test
 # ResNet in both networks (the cheapest model; the resume machinery does not depend on it),
@@ -434,7 +434,7 @@ def test_per_sample_draws_are_distinct_and_independent_of_workers() -> None:
 def test_slurm_is_left_to_lightnings_own_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     """No forced SLURMEnvironment: Lightning picks it for batch jobs (auto-requeue on SIGUSR1
     included) and leaves interactive allocations alone, where a forced one breaks."""
-    from fsre_lightning.train import trainer_plugins
+    from fsre_lightning.training import trainer_plugins
 
     for job_id in (None, "123"):
         if job_id is None:

@@ -17,8 +17,7 @@ from fsre_lightning.testing import (
     run_command,
     run_main,
 )
-from fsre_lightning.tracking.wandb import WANDB_RUN_KEY
-from fsre_lightning.train import continue_wandb_run
+from fsre_lightning.tracking.wandb import WANDB_RUN_KEY, continue_wandb_run
 
 
 @pytest.mark.parametrize("env", [None, "disabled", "online", "offline"])

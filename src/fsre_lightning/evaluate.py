@@ -23,25 +23,21 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fsre_lightning.config import validate_config
 from fsre_lightning.config.checks import check_writable
-from fsre_lightning.data.kitti import KittiDataModule
 from fsre_lightning.data.kitti_layout import ANNOTATED_SPLIT, GT_FILE_NAMES
 from fsre_lightning.errors import DataError
 from fsre_lightning.hydra_entry import hydra_command
 from fsre_lightning.runtime import resolve_device, write_json
-from fsre_lightning.scoring.eigen import (
-    evaluate_depth,
-    evaluate_segmentation,
-    format_table_row,
-    semantic_pairs,
-)
-from fsre_lightning.trained import load_module, training_data_config, training_resolution
+from fsre_lightning.scoring.conventions import format_table_row
+
+if TYPE_CHECKING:
+    from fsre_lightning.data.kitti import KittiDataModule
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +65,8 @@ def data_of_the_checkpoint(cfg: DictConfig, ckpt_path: Path) -> str:
     where the data config came from."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fsre_lightning.trained import training_data_config
 
     task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     overrides = OverridesParser.create().parse_overrides(task)
@@ -170,6 +168,14 @@ def print_report(results: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as the config says; returns what the JSON file holds."""
     validate_config(cfg, "evaluate")  # the command line's own values, named as given
+    # The work's imports after the checks: a usage error answers without torch.
+    from fsre_lightning.scoring.eigen import (
+        evaluate_depth,
+        evaluate_segmentation,
+        semantic_pairs,
+    )
+    from fsre_lightning.trained import load_module, training_resolution
+
     ckpt_path = Path(cfg.ckpt_path)
     data_from = data_of_the_checkpoint(cfg, ckpt_path) if ckpt_path.is_file() else ""
     validate_config(cfg, "evaluate")

@@ -16,7 +16,6 @@ network runs.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,24 +27,19 @@ from omegaconf import DictConfig
 
 from fsre_lightning.config import validate_config
 from fsre_lightning.config.checks import check_writable
+from fsre_lightning.config.schemas import as_sequences
 from fsre_lightning.hydra_entry import hydra_command
-from fsre_lightning.runtime import resolve_device
-from fsre_lightning.scoring.odometry import (
-    TRACK_LENGTH,
-    load_sequence,
-    predict_motions,
-    relative_motions,
-    sequence_name,
-    summarise,
-    trajectory_errors,
-)
-from fsre_lightning.trained import load_module, training_resolution
+from fsre_lightning.runtime import resolve_device, write_json
 
 log = logging.getLogger(__name__)
 
 
 def default_metrics_path(ckpt_path: Path, sequences: Sequence[int]) -> Path:
     """Next to the checkpoint, named after it and the sequences: last.eval-pose-09-10.json."""
+    from fsre_lightning.scoring.odometry import (
+        sequence_name,
+    )
+
     names = "-".join(sequence_name(s) for s in sequences)
     return ckpt_path.with_name(f"{ckpt_path.stem}.eval-pose-{names}.json")
 
@@ -78,8 +72,19 @@ def print_report(results: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as the config says; returns what the JSON file holds."""
     validate_config(cfg, "evaluate_pose")
+    # The work's imports after the checks: a usage error answers without torch.
+    from fsre_lightning.scoring.odometry import (
+        TRACK_LENGTH,
+        load_sequence,
+        predict_motions,
+        relative_motions,
+        summarise,
+        trajectory_errors,
+    )
+    from fsre_lightning.trained import load_module, training_resolution
+
     ckpt_path = Path(cfg.ckpt_path)
-    sequences = [int(s) for s in cfg.sequences]
+    sequences = [int(s) for s in as_sequences(cfg.sequences)]
     metrics_path = (Path(cfg.metrics_path) if cfg.get("metrics_path")
                     else default_metrics_path(ckpt_path, sequences))
     # What would fail later fails now: every sequence's files, where the metrics go.
@@ -108,7 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     for name, predicted in motions.items():
         np.save(motions_path(metrics_path, name), np.asarray(predicted, dtype=np.float64))
-    metrics_path.write_text(json.dumps(results, indent=2))
+    write_json(metrics_path, results)
     print_report(results)
     print(f"metrics written to {metrics_path}, the predicted motions beside it "
           f"({', '.join(s['motions_file'] for s in results['sequences'].values())})")

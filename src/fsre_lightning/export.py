@@ -23,15 +23,16 @@ from omegaconf import DictConfig
 from fsre_lightning.config import validate_config
 from fsre_lightning.config.checks import check_writable
 from fsre_lightning.hydra_entry import hydra_command
-from fsre_lightning.inference.exporters import default_output, export
-from fsre_lightning.inference.model import build_inference_model
 from fsre_lightning.runtime import resolve_device
-from fsre_lightning.trained import load_module, training_resolution
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Export as the config says; returns the summary (path, max differences)."""
     validate_config(cfg, "export")
+    # The work's imports after the checks: a usage error answers without torch.
+    from fsre_lightning.inference.exporters import default_output, export
+    from fsre_lightning.inference.model import build_inference_model
+    from fsre_lightning.trained import load_module, training_resolution
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint")

@@ -25,28 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
-
 from fsre_lightning.errors import ConfigError, UserError
-from fsre_lightning.reference import save_reference_release
-from fsre_lightning.reference.keys import (
-    CMA_FILE,
-    DEPTH_FILE,
-    ENCODER_FILE,
-    OPTIONS_FILE,
-    POSE_ENCODER_FILE,
-    POSE_FILE,
-    SEG_FILE,
-    attention_scale_of,
-)
-from fsre_lightning.reference.save import reference_options
 from fsre_lightning.runtime import EXIT_USER_ERROR, USER_ERRORS, report_error
-from fsre_lightning.trained import load_module, training_resolution
-
-# Every file name a release folder may hold: with --overwrite, those this export does not write
-# are removed (a decoder.pth beside a new depth.pth would make the folder unreadable).
-RELEASE_FILES = (ENCODER_FILE, CMA_FILE, DEPTH_FILE, SEG_FILE, POSE_ENCODER_FILE, POSE_FILE,
-                 OPTIONS_FILE)
 
 
 class ExportError(UserError):
@@ -83,6 +63,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _resolution(ckpt: Path, height: int | None, width: int | None) -> tuple[int, int, str]:
+    from fsre_lightning.trained import training_resolution
+
     try:
         return training_resolution(ckpt, height, width)
     except ConfigError as err:
@@ -103,6 +85,26 @@ class Exported(NamedTuple):
 
 def export(args: argparse.Namespace) -> Exported:
     """Write the checkpoint of `args.ckpt` as a release folder `args.out`."""
+    import torch
+
+    from fsre_lightning.reference import save_reference_release
+    from fsre_lightning.reference.keys import (
+        CMA_FILE,
+        DEPTH_FILE,
+        ENCODER_FILE,
+        OPTIONS_FILE,
+        POSE_ENCODER_FILE,
+        POSE_FILE,
+        SEG_FILE,
+        attention_scale_of,
+    )
+    from fsre_lightning.reference.save import reference_options
+    from fsre_lightning.trained import load_module
+
+    # Every file name a release folder may hold: with --overwrite, those this export does not
+    # write are removed (a decoder.pth beside a new depth.pth would make the folder unreadable).
+    release_files = (ENCODER_FILE, CMA_FILE, DEPTH_FILE, SEG_FILE, POSE_ENCODER_FILE, POSE_FILE,
+                     OPTIONS_FILE)
     out = args.out.expanduser()
     _check_out(out, args.overwrite)
     module = load_module(args.ckpt, torch.device("cpu"))
@@ -115,7 +117,7 @@ def export(args: argparse.Namespace) -> Exported:
     except OSError as err:
         raise ExportError(f"--out {out}: cannot write the release there ({err})") from err
     names = {p.name for p in written}
-    removed = [out / n for n in RELEASE_FILES if n not in names and (out / n).is_file()]
+    removed = [out / n for n in release_files if n not in names and (out / n).is_file()]
     for path in removed:
         path.unlink()
     rescaled = bool(module.net.cma_scales) and attention_scale_of(module.net) == "paper"

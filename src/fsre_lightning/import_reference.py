@@ -21,7 +21,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsre_lightning.reference import describe, load_reference_release, write_checkpoint
 from fsre_lightning.runtime import EXIT_USER_ERROR, USER_ERRORS, report_error
 
 
@@ -47,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fsre_lightning.import_reference <folder>`; returns the exit status (a bad
     folder: one line on stderr and 2)."""
     args = parse_args(argv)
+    from fsre_lightning.reference import describe, load_reference_release, write_checkpoint
+
     try:
         release = load_reference_release(args.folder, args.num_heads, args.head_ratio)
         out = args.out or Path(f"{args.folder.resolve().name}.ckpt")

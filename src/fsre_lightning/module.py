@@ -8,7 +8,7 @@ logged. The batch it reads is docs/design.md section 4.1.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import hydra
@@ -17,54 +17,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fsre_lightning.checkpoints import check_state_dict_compatible, describe_training
-from fsre_lightning.config.checks import check_choice, check_int, check_number
 from fsre_lightning.errors import ConfigError
 from fsre_lightning.geometry import disp_to_depth
-from fsre_lightning.models.fsre import NetworkConfig
-from fsre_lightning.models.pose import PoseNetworkConfig
+from fsre_lightning.module_config import ModelConfig
 from fsre_lightning.nonfinite import NonFinitePolicy, nonfinite_terms, scalar_terms
 from fsre_lightning.objective import LossConfig, compute_losses
 from fsre_lightning.scoring.metrics import DepthMetrics, SegmentationIoU
-from fsre_lightning.speed import COMPILE_MODES, apply_speed_options, compile_target
+from fsre_lightning.speed import apply_speed_options
 from fsre_lightning.tracking import panels
 from fsre_lightning.tracking.wandb import store_run_id
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """The `model` group: FSREModule's arguments and their rules. The `loss` group and what
-    comes from the data (frame ids, the evaluation crop and depth caps) are passed in by the
-    entry point. The optimiser and scheduler are `_partial_` targets with schemas of their own
-    (`fsre_lightning.config.schemas`)."""
-
-    _target_: str = "fsre_lightning.module.FSREModule"
-    network: NetworkConfig
-    pose_network: PoseNetworkConfig
-    optimizer: Any = None
-    scheduler: Any = None
-    # The pose network's lr is model.optimizer.lr * pose_lr_scale (1 = the paper's).
-    pose_lr_scale: float = 1.0
-    # A linear lr ramp over the first N steps (0 = the paper's: none).
-    warmup_steps: int = 0
-    image_log_every_n_steps: int = 250
-    num_panel_images: int = 2
-    nonfinite: str = "skip"
-    nonfinite_max_consecutive: int = 100
-    channels_last: bool = False
-    compile: Any = False
-    compile_mode: Any = None
-    gradient_checkpointing: bool = False
-    compile_loss: bool = False
-
-    def __post_init__(self) -> None:
-        check_number("pose_lr_scale", self.pose_lr_scale, lo=0, strict=True)
-        check_int("warmup_steps", self.warmup_steps, lo=0)
-        check_int("image_log_every_n_steps", self.image_log_every_n_steps, lo=0)
-        check_int("num_panel_images", self.num_panel_images, lo=1)
-        NonFinitePolicy(self.nonfinite, self.nonfinite_max_consecutive)  # its rules
-        compile_target(self.compile)
-        check_choice("compile_mode", self.compile_mode, COMPILE_MODES, nullable=True)
-
 
 # The options of ModelConfig FSREModule takes as keyword arguments (the rest are positional).
 _OPTIONS = tuple(f.name for f in fields(ModelConfig)

@@ -16,12 +16,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fsre_lightning.config.checks import check_choice, check_int
 from fsre_lightning.errors import UserError
+from fsre_lightning.module_config import check_nonfinite
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("skip", "stop")
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -54,8 +52,7 @@ class NonFinitePolicy:
     """`model.nonfinite` and `model.nonfinite_max_consecutive` for one training run."""
 
     def __init__(self, policy: str = "skip", max_consecutive: int = 100) -> None:
-        check_choice("nonfinite", policy, POLICIES)
-        check_int("nonfinite_max_consecutive", max_consecutive, lo=1)
+        check_nonfinite(policy, max_consecutive)
         self.policy = policy
         self.max_consecutive = int(max_consecutive)
         self.skipped = 0  # steps skipped so far

@@ -13,15 +13,14 @@ because it is what produced the paper's table):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fsre_lightning.config.checks import check_choice, check_number, require
 from fsre_lightning.geometry import disp_to_depth, warp_many
+from fsre_lightning.loss_config import LossConfig
 from fsre_lightning.losses import (
     min_reprojection_loss,
     photometric_losses,
@@ -31,48 +30,6 @@ from fsre_lightning.losses import (
     smoothness_loss,
     ssim_target_stats,
 )
-from fsre_lightning.losses.photometric import check_alpha
-from fsre_lightning.losses.sgt import BORDERS as SGT_BORDERS
-from fsre_lightning.losses.sgt import check_sgt_options
-from fsre_lightning.models.decoder import check_scales
-
-SCALE_WEIGHTINGS = ("reference", "monodepth2")
-
-
-@dataclass(kw_only=True)
-class LossConfig:
-    """The `loss` group: every knob of the total loss with the paper's values as defaults, and
-    its rules (docs/design.md section 3)."""
-
-    alpha: float = 0.85
-    smoothness_weight: float = 1e-3
-    segmentation_weight: float = 0.3
-    sgt_weight: float = 0.1
-    sgt_scales: list[int] = field(default_factory=lambda: [3, 2, 1])
-    sgt_kernel_size: int = 5
-    sgt_margin: float = 0.3
-    sgt_threshold: int | None = None
-    sgt_border: str = "reference"
-    scale_weighting: str = "reference"
-    automask: bool = True
-    identity_noise: float = 1e-5
-    min_depth: float = 0.1
-    max_depth: float = 100.0
-
-    def __post_init__(self) -> None:
-        check_alpha("alpha", self.alpha)
-        for key in ("smoothness_weight", "segmentation_weight", "sgt_weight", "identity_noise"):
-            check_number(key, getattr(self, key), lo=0)
-        check_scales("sgt_scales", self.sgt_scales)
-        check_sgt_options(self.sgt_kernel_size, self.sgt_margin, self.sgt_threshold,
-                          ("sgt_kernel_size", "sgt_margin", "sgt_threshold"))
-        check_choice("sgt_border", self.sgt_border, SGT_BORDERS)
-        check_choice("scale_weighting", self.scale_weighting, SCALE_WEIGHTINGS)
-        check_number("min_depth", self.min_depth, lo=0, strict=True)
-        check_number("max_depth", self.max_depth, lo=0, strict=True)
-        require(self.min_depth < self.max_depth, "min_depth", self.min_depth,
-                f"0 < min_depth < max_depth (= {self.max_depth})")
-        self.sgt_scales = [int(s) for s in self.sgt_scales]
 
 
 def upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -38,15 +38,14 @@ from omegaconf import DictConfig
 
 from fsre_lightning.config import validate_config
 from fsre_lightning.hydra_entry import hydra_command
-from fsre_lightning.inference.model import build_inference_model
-from fsre_lightning.inference.runner import Settings, find_inputs, predict
 from fsre_lightning.runtime import resolve_device
-from fsre_lightning.trained import load_module, training_intrinsics, training_resolution
 
 log = logging.getLogger(__name__)
 
 
 def network_size(cfg: DictConfig, ckpt_path: Path) -> tuple[int, int]:
+    from fsre_lightning.trained import training_resolution
+
     height, width, source = training_resolution(ckpt_path, cfg.height, cfg.width)
     log.info("network input %d x %d (from %s)", height, width, source)
     return height, width
@@ -55,6 +54,10 @@ def network_size(cfg: DictConfig, ckpt_path: Path) -> tuple[int, int]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Predict as the config says; returns the summary printed at the end."""
     validate_config(cfg, "predict")
+    # The work's imports after the checks: a usage error answers without torch.
+    from fsre_lightning.inference.model import build_inference_model
+    from fsre_lightning.inference.runner import Settings, find_inputs, predict
+    from fsre_lightning.trained import load_module, training_intrinsics
     ckpt_path = Path(cfg.ckpt_path)
     source = find_inputs(cfg.input)
     if not ckpt_path.is_file():

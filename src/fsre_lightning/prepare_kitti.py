@@ -15,20 +15,24 @@ it resumes where it stopped; on a complete root it touches no network.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from fsre_lightning.config import validate_config
-from fsre_lightning.data import downloads
-from fsre_lightning.data.kitti import KittiDataConfig, data_config
-from fsre_lightning.data.kitti_prepare import Plan, format_plan, prepare_kitti
 from fsre_lightning.hydra_entry import hydra_command
+
+if TYPE_CHECKING:
+    from fsre_lightning.data.kitti_prepare import Plan
 
 
 def run(cfg: DictConfig) -> Plan:
     """Prepare (or with dry_run, plan) as the config says; returns the plan."""
     validate_config(cfg, "prepare_kitti")
+    # The work's imports after the checks: a usage error answers without torch.
+    from fsre_lightning.data import downloads
+    from fsre_lightning.data.kitti_config import KittiDataConfig, data_config
+    from fsre_lightning.data.kitti_prepare import format_plan, prepare_kitti
     values: dict[str, Any] = OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore
     values.pop("_target_", None)
     data: KittiDataConfig = data_config(KittiDataConfig, **values)

@@ -41,9 +41,8 @@ from pathlib import Path
 from fsre_lightning.data.array_store import CacheError
 from fsre_lightning.data.kitti_layout import LABEL_FORMATS
 from fsre_lightning.data.kitti_sources import DEFAULT_SEGMENTATION_MODEL
-from fsre_lightning.data.label_caches import import_labels, predict_labels
 from fsre_lightning.errors import DataError
-from fsre_lightning.models.encoder import check_image_size
+from fsre_lightning.models.network_config import check_image_size
 from fsre_lightning.runtime import EXIT_USER_ERROR, USER_ERRORS, report_error
 
 
@@ -110,6 +109,7 @@ def _split_files(args: argparse.Namespace) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fsre_lightning.data.label_caches import import_labels, predict_labels  # torch
     size = (args.height, args.width)
     try:
         for flag, value in (("--height", args.height), ("--width", args.width)):

@@ -21,12 +21,12 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from typing import TYPE_CHECKING, Any
 
 from fsre_lightning.errors import ConfigError, UserError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 # The Hydra config groups ship inside the package, so an installed wheel finds them; users add
 # their own groups with --config-dir or hydra.searchpath, or replace them all by
@@ -58,6 +58,13 @@ class PreemptedError(Exception):
         self.status = status
 
 
+def _is_sigterm_exception(err: BaseException) -> bool:
+    """Lightning's SIGTERMException (imported only where Lightning already is: a process
+    without it cannot have raised one)."""
+    module = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return module is not None and isinstance(err, module.SIGTERMException)
+
+
 def report_error(command: str, message: object) -> None:
     """The one line a failed command prints on stderr."""
     print(f"fsre_lightning.{command}: error: {message}", file=sys.stderr)
@@ -72,7 +79,7 @@ def exit_status(command: str, err: BaseException) -> int | None:
     if isinstance(err, PreemptedError):
         print(f"fsre_lightning.{command}: {err}", file=sys.stderr)
         return err.status
-    if isinstance(err, SIGTERMException):
+    if _is_sigterm_exception(err):
         # Lightning raises it (a SystemExit with status 0) when SIGTERM arrives during a
         # validation outside fit: still a preemption, not a success.
         print(f"fsre_lightning.{command}: preempted (SIGTERM) outside training; the run "
@@ -85,7 +92,13 @@ def run_job(command: str, job: Callable[[Any], Any], cfg: Any) -> int:
     """Run `job(cfg)` and return the command's exit status (see the module docstring)."""
     try:
         job(cfg)
-    except (*USER_ERRORS, PreemptedError, SIGTERMException) as err:
+    except (*USER_ERRORS, PreemptedError) as err:
+        status = exit_status(command, err)
+        assert status is not None
+        return status
+    except SystemExit as err:  # Lightning's SIGTERMException is one
+        if not _is_sigterm_exception(err):
+            raise
         status = exit_status(command, err)
         assert status is not None
         return status
@@ -203,6 +216,8 @@ def instantiate(config: Any, **kwargs: Any) -> Any:
 def check_accelerator(name: str) -> None:
     """A trainer accelerator this machine has: checked before any data work, not when the
     Trainer is built after an hour of cache building."""
+    import torch
+
     if str(name) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator", name, "no CUDA device is visible on this "
                           "machine (check CUDA_VISIBLE_DEVICES and the driver): use trainer=cpu, "
@@ -211,6 +226,8 @@ def check_accelerator(name: str) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """`auto`: the GPU when there is one, else the CPU; any other name as torch reads it."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -12,22 +12,7 @@ import torch
 
 from fsre_lightning.config.checks import check_choice
 from fsre_lightning.losses import photometric_losses
-
-# model.compile: what torch.compile covers. "step" is the training step's forward and loss as one
-# graph (its backward is compiled with it); "networks" the depth and pose networks alone.
-COMPILE_TARGETS = ("networks", "step")
-# model.compile_mode: torch.compile's modes (null = "default"); "reduce-overhead" adds CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_target(value: Any) -> str | None:
-    """`model.compile` as None (off), "networks" or "step"; true means "step"."""
-    if value is False or value is None:
-        return None
-    if value is True:
-        return "step"
-    check_choice("compile", value, (False, True, *COMPILE_TARGETS))
-    return str(value)
+from fsre_lightning.module_config import COMPILE_MODES, compile_target
 
 
 @dataclass

@@ -35,8 +35,8 @@ from fsre_lightning.checkpoints import (
 from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.data.video_folder import normalise_intrinsics, scan_sequences
 from fsre_lightning.errors import ConfigError, DataError
-from fsre_lightning.models.encoder import check_image_size
 from fsre_lightning.models.fsre import NetworkConfig
+from fsre_lightning.models.network_config import check_image_size
 from fsre_lightning.module import FSREModule, without_imagenet_init
 from fsre_lightning.reference.keys import (
     attention_scale_of,

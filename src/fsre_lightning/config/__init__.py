@@ -1,14 +1,19 @@
 """`validate_config`: every command checks its composed config before doing any work.
 
-Each group is merged into its typed schema, a dataclass beside the code it configures:
+Each group is merged into its typed schema, a dataclass beside the code it configures, in a
+module of its own that imports no torch (so that --cfg, usage errors and a sweep's members
+are checked in a second, before any work; `checks.deferring_probes` puts off the one check that
+needs torch, the encoder's, until the command's work starts):
 
-    data                        data.kitti.KittiDataConfig (data.synthetic: SyntheticConfig)
-    data=video_folder           data.video_folder.VideoFolderDataConfig
-    model                       module.ModelConfig (models.fsre.NetworkConfig,
-                                models.pose.PoseNetworkConfig)
-    model.optimizer, .scheduler schema.OPTIMIZERS, schema.SCHEDULERS (by _target_)
-    loss                        objective.LossConfig
-    trainer, paths, top level   schema.TrainerConfig, schema.PathsConfig, schema.ENTRIES
+    data                        data.kitti_config.KittiDataConfig (data.synthetic:
+                                data.synthetic.SyntheticConfig; data.prepare:
+                                data.kitti_sources.KittiPrepareConfig)
+    data=video_folder           data.video_folder_config.VideoFolderDataConfig
+    model                       module_config.ModelConfig (models.network_config.NetworkConfig,
+                                models.network_config.PoseNetworkConfig)
+    model.optimizer, .scheduler schemas.OPTIMIZERS, schemas.SCHEDULERS (by _target_)
+    loss                        loss_config.LossConfig
+    trainer, paths, top level   schemas.TrainerConfig, schemas.PathsConfig, schemas.ENTRIES
 
 `fsre_lightning.config.build.build` merges a group into its schema (OmegaConf rejects unknown
 keys and wrong types) and builds the dataclass, which runs its range rules (`__post_init__`,
@@ -25,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fsre_lightning.config.build import build, plain_values
-from fsre_lightning.config.checks import raise_unless
+from fsre_lightning.config.checks import probes_deferred, raise_unless
 from fsre_lightning.config.resolvers import register_resolvers
 from fsre_lightning.errors import ConfigError
 
@@ -40,8 +45,15 @@ MOVED_KEYS = {"model.optimizer.pose_lr_scale": "model.pose_lr_scale",
 
 
 def _check_target_keys(node: dict[str, Any], path: str) -> None:
-    """A `_target_` node without a schema may only hold its callable's parameters."""
+    """A `_target_` node without a schema may only hold its callable's parameters (put off
+    under `checks.deferring_probes` when that would import the target's package first:
+    Lightning's callbacks and loggers take seconds to import)."""
+    import sys
+
     from hydra.utils import get_object
+
+    if probes_deferred() and str(node["_target_"]).rpartition(".")[0] not in sys.modules:
+        return
 
     try:
         obj = get_object(str(node["_target_"]))
@@ -60,10 +72,10 @@ def _check_target_keys(node: dict[str, Any], path: str) -> None:
 
 def _schema(path: str, values: dict[str, Any]) -> type | None:
     from fsre_lightning.config.schemas import OPTIMIZERS, SCHEDULERS, PathsConfig, TrainerConfig
-    from fsre_lightning.data.kitti import KittiDataConfig
-    from fsre_lightning.data.video_folder import VideoFolderDataConfig
-    from fsre_lightning.module import ModelConfig
-    from fsre_lightning.objective import LossConfig
+    from fsre_lightning.data.kitti_config import KittiDataConfig
+    from fsre_lightning.data.video_folder_config import VideoFolderDataConfig
+    from fsre_lightning.loss_config import LossConfig
+    from fsre_lightning.module_config import ModelConfig
 
     target = str(values.get("_target_", ""))
     data = VideoFolderDataConfig if target == VideoFolderDataConfig._target_ else KittiDataConfig

@@ -9,16 +9,39 @@ checks here repeat the type test so that a direct Python call gets the same mess
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fsre_lightning.errors import ConfigError
 
-__all__ = ["arguments", "check_choice", "check_int", "check_number", "check_path", "is_int",
-           "is_number", "raise_unless", "require"]
+__all__ = ["arguments", "check_choice", "check_int", "check_number", "check_path",
+           "deferring_probes", "is_int", "is_number", "probes_deferred", "raise_unless",
+           "require"]
+
+# Checks that need torch, timm or Lightning imported (an encoder's maps, probed on the meta device;
+# the parameters of a callback or logger target) are put off inside `deferring_probes()`: the
+# checks before a command's work (--cfg, usage errors, a sweep's members) answer in a second;
+# the command checks the rest when its work starts.
+_probes_deferred = False
+
+
+@contextlib.contextmanager
+def deferring_probes() -> Iterator[None]:
+    """Checks inside skip what needs torch (the encoder probe), checking the rest."""
+    global _probes_deferred
+    previous, _probes_deferred = _probes_deferred, True
+    try:
+        yield
+    finally:
+        _probes_deferred = previous
+
+
+def probes_deferred() -> bool:
+    return _probes_deferred
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from fsre_lightning.config import validate_config
+from fsre_lightning.config.checks import deferring_probes
 from fsre_lightning.errors import UserError, first_line
 from fsre_lightning.runtime import CONFIG_DIR, EXIT_USER_ERROR, plain_optuna_logs, report_error
 from fsre_lightning.sweeps.context import HydraCallback
@@ -182,6 +183,11 @@ def check_before_hydra(entry: str, argv: Sequence[str]) -> None:
                                  return_hydra_config=True)
                 previous = HydraConfig.instance().cfg
                 HydraConfig.instance().set_config(config)  # for ${hydra:...} in the config
+                shown = HydraConfig.instance().cfg
+                with read_write(shown.hydra), open_dict(shown.hydra):
+                    # What Hydra sets when it runs the job (${hydra:runtime.output_dir}).
+                    shown.hydra.runtime.output_dir = str(
+                        shown.hydra.sweep.dir if args.multirun else shown.hydra.run.dir)
                 try:
                     problems = _shown_config_problems(config, entry, args.multirun)
                 finally:  # the command that runs next (or a caller's process) sets its own
@@ -250,12 +256,16 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _shown_config_problems(config: DictConfig, entry: str, multirun: bool) -> list[str]:
     multirun = multirun or config.hydra.mode == RunMode.MULTIRUN
+    run_dir = str(config.hydra.sweep.dir if multirun else config.hydra.run.dir)
     with open_dict(config):  # what Hydra sets when it runs the job
-        config.paths.run_dir = str(config.hydra.sweep.dir if multirun else config.hydra.run.dir)
+        config.paths.run_dir = run_dir
     if multirun:  # the members run, not the config they are made from
         return member_problems(config, entry)[1]
     try:
-        validate_config(config, entry)
+        # The quick checks: what needs torch (the encoder's maps) is checked when the command
+        # runs; --cfg answers in a second.
+        with deferring_probes():
+            validate_config(config, entry)
     except UserError as err:
         return [str(err)]
     return []

@@ -29,8 +29,8 @@ from fsre_lightning.config.checks import (
     require,
 )
 from fsre_lightning.data.kitti_layout import GT_SOURCES, check_intrinsics
-from fsre_lightning.models.encoder import check_image_size
-from fsre_lightning.scoring.metrics import PROTOCOLS
+from fsre_lightning.models.network_config import check_image_size
+from fsre_lightning.scoring.conventions import PROTOCOLS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed",
@@ -384,7 +384,7 @@ class EvaluatePoseConfig(_CheckpointEntry):
     """`conf/evaluate_pose.yaml`'s own keys."""
 
     odom_root: str = MISSING
-    sequences: list[int] = MISSING
+    sequences: Any = MISSING  # a list, or one number (`sequences=9`)
     batch_size: int = MISSING
     metrics_path: str | None = MISSING
 
@@ -392,7 +392,7 @@ class EvaluatePoseConfig(_CheckpointEntry):
         super().__post_init__()
         _required("odom_root", self.odom_root, "odom_root=<KITTI odometry folder holding "
                                                "sequences/ and poses/>")
-        seqs = self.sequences
+        seqs = as_sequences(self.sequences)
         require(len(seqs) > 0 and all(is_int(s) and 0 <= s <= 99 for s in seqs)
                 and len(set(seqs)) == len(seqs), "sequences", seqs,
                 "a non-empty list of distinct sequence numbers 0-99, e.g. [9, 10] (KITTI's "
@@ -409,6 +409,12 @@ class PrepareKittiConfig(_Entry):
     data: Any = None
     dry_run: bool = MISSING
     progress: bool = MISSING
+
+
+def as_sequences(value: Any) -> list[Any]:
+    """`evaluate_pose`'s sequences as a list: `sequences=9` is the one sequence 9."""
+    return list(value) if isinstance(value, list | tuple) or (
+        hasattr(value, "__iter__") and not isinstance(value, str | bytes)) else [value]
 
 
 ENTRIES: dict[str, type] = {"train": TrainConfig, "evaluate": EvaluateConfig,

@@ -33,9 +33,8 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -47,11 +46,11 @@ from fsre_lightning.data.dataset import KittiDataset
 from fsre_lightning.data.frame_cache import cache_name
 from fsre_lightning.data.kitti import KittiDataConfig, KittiDataModule, data_config
 from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS, camera_folder
+from fsre_lightning.data.video_folder_config import INTRINSICS_UNITS, VideoFolderDataConfig
 from fsre_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
-INTRINSICS_UNITS = ("normalized", "pixels")
 CAMERA = camera_folder(2)  # every sequence is a left camera: split lines end in " l"
 MANIFEST = "layout.json"
 
@@ -155,45 +154,6 @@ def build_layout(sequences: dict[str, list[Path]], frames_dir: Path) -> None:
     _write_if_changed(manifest_path, json.dumps(manifest))
     log.info("video_folder: linked %d frames of %d sequences into %s",
              sum(len(s) for s in sequences.values()), len(sequences), frames_dir)
-
-
-@dataclass(kw_only=True)
-class VideoFolderDataConfig(KittiDataConfig):
-    """The `data` group with data=video_folder: KittiDataConfig plus the layout adapter's keys
-    (`root` is the folder of sequences; the work dir holds splits, caches and labels)."""
-
-    _REQUIRED_PATHS: ClassVar[tuple[str, ...]] = ("root",)
-    _target_: str = "fsre_lightning.data.video_folder.VideoFolderDataModule"
-    root: str | None = None
-    work_dir: str = "data_cache/video_folder"
-    intrinsics: list[float] | None = None  # type: ignore[assignment]
-    intrinsics_units: str = "normalized"
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    split_dir: str | None = None  # type: ignore[assignment]
-    label_source: str = "predicted"
-    eval_crop: str = "none"
-    pseudo_label_model: str | None = None
-    pseudo_label_device: str = "auto"
-    pseudo_label_batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        checks.require(self.root is not None, "root", self.root,
-                      "required with data=video_folder: the folder with one subfolder of "
-                      "frames per sequence")
-        checks.require(self.intrinsics is not None, "intrinsics", self.intrinsics,
-                      "required with data=video_folder: your camera's [fx, fy, cx, cy], "
-                      "normalised or in pixels (data.intrinsics_units=pixels)")
-        super().__post_init__()
-        checks.check_path("work_dir", self.work_dir)
-        checks.check_choice("intrinsics_units", self.intrinsics_units, INTRINSICS_UNITS)
-        checks.check_number("val_fraction", self.val_fraction, lo=0, strict=True,
-                           what="a number in (0, 1): some frames must train")
-        checks.require(self.val_fraction < 1, "val_fraction", self.val_fraction,
-                      "a number in (0, 1): some frames must train")
-        checks.check_int("split_seed", self.split_seed)
-        checks.check_path("pseudo_label_model", self.pseudo_label_model, nullable=True)
-        checks.check_int("pseudo_label_batch_size", self.pseudo_label_batch_size, lo=1)
 
 
 class VideoFolderDataModule(KittiDataModule):

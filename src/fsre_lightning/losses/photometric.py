@@ -21,15 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fsre_lightning.config.checks import check_number
+from fsre_lightning.loss_config import check_alpha
 
 SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
-
-
-def check_alpha(key: str, alpha: Any) -> None:
-    """The SSIM weight of the photometric error: a number in [0, 1] (0 = L1 only)."""
-    check_number(key, alpha, lo=0, hi=1, what="the SSIM weight is in [0, 1]")
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, x_name: str, y_name: str) -> None:

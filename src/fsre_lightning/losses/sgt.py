@@ -32,7 +32,6 @@ copy of itself, which costs K^2 times the feature map in memory and time):
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -40,7 +39,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fsre_lightning.cityscapes import VOID
-from fsre_lightning.config.checks import is_number, require
+from fsre_lightning.config.checks import require
+from fsre_lightning.loss_config import BORDERS, check_sgt_options
 from fsre_lightning.losses.segmentation import _check_integer_labels
 
 # Lower bound inside the square root: keeps the distance differentiable at 0.
@@ -49,8 +49,6 @@ DIST_EPS = 1e-9
 NORM_EPS = 1e-12
 # Feature elements per row block on CPU (B x C x rows x w); ~2.5 MB of float32 stays in cache.
 _CPU_BLOCK_ELEMENTS = 640 * 1024
-# What the pixels outside the image are (see the module docstring).
-BORDERS = ("reference", "exclude")
 
 Offset = tuple[int, int]
 
@@ -246,35 +244,6 @@ def _pair_gradients(fh: torch.Tensor, coeff: torch.Tensor, half: list[Offset]) -
         total = total + a * _shift(fh_pad, dy, dx, p)
         total = total + _shift(F.pad(a * fh, [p, p, p, p]), -dy, -dx, p)
     return total
-
-
-def _as_int(value: object) -> int | None:
-    """`value` as an int if it is an integer (Python, NumPy or 0-d tensor), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def check_sgt_options(kernel_size: Any, margin: Any, threshold: Any,
-                      keys: tuple[str, str, str] = ("kernel_size", "margin", "threshold")
-                      ) -> tuple[int, float, int]:
-    """The rules of K, m and T (`keys` name them in errors); returns (K, m, T).
-
-    m = 0 is allowed: the paper sweeps the margin and 0 is the end point of that sweep.
-    """
-    k_key, m_key, t_key = keys
-    k = _as_int(kernel_size)
-    require(k is not None and k >= 3 and k % 2 == 1, k_key, kernel_size,
-            "K must be an odd integer >= 3 (the patch is centred on its anchor)")
-    require(is_number(margin) and margin >= 0, m_key, margin,
-            "m, the triplet margin, must be >= 0")
-    t = k - 1 if threshold is None else _as_int(threshold)
-    require(t is not None and 1 <= t < k * k, t_key, threshold,
-            f"null (= K - 1) or an integer in 1..{k * k - 1}")
-    return k, float(margin), t
 
 
 def sgt_loss(

@@ -31,8 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fsre_lightning.models.layers import ConvBlock, is_channels_last
-
-ATTENTION_SCALES = ("paper", "reference")
+from fsre_lightning.models.network_config import ATTENTION_SCALES
 
 
 class _Layout:

@@ -18,17 +18,14 @@ applies sigmoid (disparity) or keeps logits (segmentation). The block-wise API l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsre_lightning.config.checks import is_int, require
 from fsre_lightning.models.layers import ConvBlock, conv3x3
+from fsre_lightning.models.network_config import DECODER_CHANNELS, NUM_SCALES, check_scales
 
-DECODER_CHANNELS = (16, 32, 64, 128, 256)
-NUM_SCALES = len(DECODER_CHANNELS)
 # Reductions of the maps a ResNet encoder gives (the decoder's default).
 RESNET_REDUCTIONS = (2, 4, 8, 16, 32)
 
@@ -45,17 +42,6 @@ def skip_sources(reductions: Sequence[int]) -> dict[int, int]:
         raise ValueError(f"encoder reductions {found}: the decoder reads increasing, distinct "
                          f"reductions from {sorted(allowed)} and ends at {deepest}")
     return {s: found.index(2**s) for s in range(1, NUM_SCALES) if 2**s in found}
-
-
-def check_scales(key: str, value: Any, allow_empty: bool = True) -> None:
-    """Decoder scales (s = 0..4, block s at H / 2^s): unique integers, in any order."""
-    scales = list(value) if isinstance(value, list | tuple) else None
-    require(scales is not None, key, value, "a list of decoder scales, e.g. [0]")
-    require(allow_empty or bool(scales), key, value, "give at least one scale")
-    require(all(is_int(s) and 0 <= s < NUM_SCALES for s in scales), key, value,
-            f"decoder scales are integers in 0..{NUM_SCALES - 1} (s = 0 is full resolution; "
-            "the paper's layer l is 4 - s)")
-    require(len(set(scales)) == len(scales), key, value, "scales must be unique")
 
 
 class MonodepthDecoder(nn.Module):

@@ -17,178 +17,30 @@ frames exactly Monodepth2's stem (RGB filters duplicated and halved), tested.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pickle
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from fsre_lightning.config.checks import is_int, require
 from fsre_lightning.errors import DataError, first_line
-from fsre_lightning.models.pretrained import (
-    PretrainedWeightsNotFound,
+from fsre_lightning.models.network_config import (
+    FeatureLevels,
+    check_encoder,
     check_pretrained,
-    hub_offline,
-    weights_file,
+    probe_encoder,
+    select_levels,
 )
+from fsre_lightning.models.pretrained import PretrainedWeightsNotFound, hub_offline, weights_file
 
 _logger = logging.getLogger(__name__)
 
 # Monodepth2 / FSRE normalise with one mean and std for every channel (design 3.1).
 INPUT_MEAN = 0.45
 INPUT_STD = 0.225
-# Reductions of the encoder maps the decoders read (docs/design.md 3.1): 1/32 feeds decoder
-# block s = 4, and 1/16, 1/8, 1/4, 1/2 are the skips of blocks s = 4, 3, 2, 1. The 1/2 map is
-# optional: without it block 1 has no skip, as block 0 never has.
-DECODER_REDUCTIONS = (2, 4, 8, 16, 32)
-REQUIRED_REDUCTIONS = (4, 8, 16, 32)
-# The deepest map is at 1/32: an input size must be a multiple of 32 for the skips to line up.
-SIZE_DIVISOR = DECODER_REDUCTIONS[-1]
-# The input size of the encoder check (on the meta device, so free): the paper's KITTI size.
-PROBE_SIZE = (192, 640)
-
-
-def check_image_size(key: str, value: Any) -> None:
-    """A network input height or width: a positive multiple of 32."""
-    require(is_int(value) and value > 0 and value % SIZE_DIVISOR == 0, key, value,
-            f"the image size must be a positive multiple of {SIZE_DIVISOR} (the encoder "
-            f"downsamples {SIZE_DIVISOR}x)")
-
-
-def check_encoder(key: str, value: Any) -> None:
-    """A timm architecture name (with or without a weight tag) whose `features_only` maps the
-    decoders can read (`probe_encoder`): checked before anything is built for real, so a typo
-    or an unusable model stops the run before data preparation, not inside timm."""
-    require(isinstance(value, str) and ":" not in value and timm.is_model(value), key, value,
-            "a timm architecture name such as 'resnet18.tv_in1k', 'resnet50' or "
-            "'convnext_tiny' (timm.list_models() lists them)")
-    levels = probe_encoder(value)
-    require(isinstance(levels, FeatureLevels), key, value, str(levels))
-
-
-@dataclass(frozen=True)
-class FeatureLevels:
-    """The maps of a timm `features_only` model that the decoders read, shallowest first.
-
-    `out_indices` is what `timm.create_model` must be given to return exactly these maps, or
-    None when the model's default already does.
-    """
-
-    channels: tuple[int, ...]
-    reductions: tuple[int, ...]
-    out_indices: tuple[int, ...] | None
-
-
-def select_levels(reductions: Sequence[int]) -> tuple[int, ...]:
-    """Positions, in `feature_info` order, of the maps the decoders read: the deepest level at
-    each of DECODER_REDUCTIONS that the model has. ValueError (the reason) when a required
-    reduction is missing or the levels are not ordered from shallow to deep."""
-    found = [int(r) for r in reductions]
-    missing = [r for r in REQUIRED_REDUCTIONS if r not in found]
-    if missing:
-        raise ValueError(
-            f"its features_only levels are at reductions {found}, without "
-            f"{', '.join(f'1/{r}' for r in missing)}; the decoders need maps at 1/4, 1/8, 1/16 "
-            "and 1/32 (and use 1/2 when there is one), as timm's CNNs (resnet18, "
-            "efficientnet_b0, regnetx_002) and hierarchical models (convnext_tiny) give")
-    chosen = tuple(max(i for i, r in enumerate(found) if r == want)
-                   for want in DECODER_REDUCTIONS if want in found)
-    if list(chosen) != sorted(chosen):
-        raise ValueError(f"its features_only levels (reductions {found}) do not run from "
-                         "shallow to deep")
-    return chosen
-
-
-def _levels_of(model: nn.Module, outputs: Sequence[torch.Tensor], size: tuple[int, int]
-               ) -> FeatureLevels:
-    """The decoders' levels of a features_only `model` whose forward on a 1 x 3 x `size` input
-    gave `outputs`; ValueError (the reason) unless they are B x C x H/r x W/r as
-    `feature_info` says."""
-    info = model.feature_info
-    reductions = [int(r) for r in info.reduction()]
-    channels = [int(c) for c in info.channels()]
-    chosen = select_levels(reductions)
-    if len(outputs) != len(reductions):
-        raise ValueError(f"it returns {len(outputs)} maps where feature_info lists "
-                         f"{len(reductions)}")
-    for i in chosen:
-        h, w = size[0] // reductions[i], size[1] // reductions[i]
-        got = tuple(outputs[i].shape)
-        if got != (1, channels[i], h, w):
-            layout = " (channels-last)" if got == (1, h, w, channels[i]) else ""
-            raise ValueError(f"its map at 1/{reductions[i]} has shape {list(got)}{layout} on a "
-                             f"{size[0]} x {size[1]} input, not B x C x H/r x W/r = "
-                             f"{[1, channels[i], h, w]}")
-    out_indices = None
-    if chosen != tuple(range(len(reductions))):
-        out_indices = tuple(int(info.out_indices[i]) for i in chosen)
-    return FeatureLevels(tuple(channels[i] for i in chosen), tuple(reductions[i] for i in chosen),
-                         out_indices)
-
-
-def _build_for_probe(name: str, device: str) -> nn.Module:
-    with torch.device(device):
-        return timm.create_model(name, features_only=True, pretrained=False).eval()
-
-
-def _run_probe(model: nn.Module, device: str) -> list[torch.Tensor]:
-    with torch.device(device), torch.no_grad():
-        return list(model(torch.zeros(1, 3, *PROBE_SIZE)))
-
-
-@functools.cache
-def probe_encoder(name: str) -> FeatureLevels | str:
-    """The decoders' levels of timm model `name`, or why the decoders cannot use it.
-
-    The model is built and run once at PROBE_SIZE on the meta device, which costs neither
-    memory nor arithmetic whatever its size; only what fails there (an operation without a meta
-    kernel) is redone on the CPU, where a failure is the model's own (e.g. a fixed input size:
-    ViT, Swin).
-    """
-    # The probe must not move the global random state: networks built after it (and seeded
-    # before it) get the same initial weights whether or not a probe ran first.
-    with torch.random.fork_rng(devices=[]):
-        return _probe(name)
-
-
-def _probe(name: str) -> FeatureLevels | str:
-    device = "meta"
-    try:
-        model = _build_for_probe(name, device)
-    except Exception:  # settled on the CPU
-        device = "cpu"
-        try:
-            model = _build_for_probe(name, device)
-        except Exception as err:  # timm's reason, quoted
-            return (f"timm cannot build it with features_only ({type(err).__name__}: "
-                    f"{first_line(err)})")
-    try:
-        select_levels(model.feature_info.reduction())
-    except ValueError as err:
-        return str(err)
-    try:
-        try:
-            outputs = _run_probe(model, device)
-        except Exception:  # settled on the CPU (a meta failure proves nothing)
-            if device == "cpu":
-                raise
-            device = "cpu"
-            model = _build_for_probe(name, device)
-            outputs = _run_probe(model, device)
-    except Exception as err:  # the model's own failure, quoted
-        return (f"it fails on a {PROBE_SIZE[0]} x {PROBE_SIZE[1]} input in features_only mode "
-                f"({type(err).__name__}: {first_line(err)}); models with a fixed input size "
-                "(ViT, Swin) are not supported")
-    try:
-        return _levels_of(model, outputs, PROBE_SIZE)
-    except ValueError as err:
-        return str(err)
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:

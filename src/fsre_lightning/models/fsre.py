@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,55 +21,15 @@ from torch.utils.checkpoint import checkpoint
 
 import fsre_lightning.config.checks as checks
 from fsre_lightning.cityscapes import NUM_CLASSES
-from fsre_lightning.models.cma import ATTENTION_SCALES, CrossTaskAttention
+from fsre_lightning.models.cma import CrossTaskAttention
 from fsre_lightning.models.decoder import (
     DECODER_CHANNELS,
     NUM_SCALES,
     MonodepthDecoder,
-    check_scales,
 )
-from fsre_lightning.models.encoder import SIZE_DIVISOR, build_encoder, check_encoder
+from fsre_lightning.models.encoder import build_encoder
 from fsre_lightning.models.layers import first_conv, like_weight
-from fsre_lightning.models.pretrained import check_pretrained
-
-CMA_TARGETS = ("depth", "seg")
-
-
-@dataclass(kw_only=True)
-class NetworkConfig:
-    """`model.network`: FSRENetwork's arguments and their rules (it builds this itself)."""
-
-    _target_: str = "fsre_lightning.models.FSRENetwork"
-    encoder: str = "resnet18"
-    pretrained: Any = False
-    num_classes: int = NUM_CLASSES
-    disp_scales: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    cma_scales: list[int] = field(default_factory=lambda: [4, 3, 2])
-    num_heads: int = 4
-    head_ratio: float = 2.0
-    cma_targets: list[str] = field(default_factory=lambda: ["depth", "seg"])
-    attention_scale: str = "paper"
-    segmentation: bool = True
-    weights_path: str | None = None
-
-    def __post_init__(self) -> None:
-        check_encoder("encoder", self.encoder)
-        check_pretrained("pretrained", self.pretrained)
-        checks.check_path("weights_path", self.weights_path, nullable=True)
-        checks.check_int("num_classes", self.num_classes, lo=1)
-        check_scales("disp_scales", self.disp_scales, allow_empty=False)
-        check_scales("cma_scales", self.cma_scales)
-        checks.check_int("num_heads", self.num_heads, lo=1,
-                        what="H, the number of embeddings, must be an integer >= 1")
-        checks.check_number("head_ratio", self.head_ratio, lo=0, strict=True)
-        targets = list(self.cma_targets) if isinstance(self.cma_targets, list | tuple) else None
-        checks.require(targets is not None and bool(targets)
-                      and set(targets) <= set(CMA_TARGETS) and len(set(targets)) == len(targets),
-                      "cma_targets", self.cma_targets,
-                      f"a non-empty subset of {list(CMA_TARGETS)}")
-        checks.check_choice("attention_scale", self.attention_scale, ATTENTION_SCALES)
-        checks.require(self.segmentation or not self.cma_scales, "cma_scales", self.cma_scales,
-                      "CMA needs the segmentation decoder: use [] with segmentation=false")
+from fsre_lightning.models.network_config import SIZE_DIVISOR, NetworkConfig
 
 
 class FSRENetwork(nn.Module):

@@ -18,39 +18,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from fsre_lightning.config.checks import arguments, check_path, is_number, require
+from fsre_lightning.config.checks import arguments
 from fsre_lightning.geometry import transformation_from_parameters
-from fsre_lightning.models.encoder import build_encoder, check_encoder
+from fsre_lightning.models.encoder import build_encoder
 from fsre_lightning.models.layers import first_conv, like_weight, spatial_mean
-from fsre_lightning.models.pretrained import check_pretrained
+from fsre_lightning.models.network_config import PoseNetworkConfig
 
 # Keeps the initial motion estimates near identity (Monodepth2).
 POSE_SCALE = 0.01
-
-
-@dataclass(kw_only=True)
-class PoseNetworkConfig:
-    """`model.pose_network`: PoseNetwork's arguments and their rules."""
-
-    _target_: str = "fsre_lightning.models.PoseNetwork"
-    encoder: str = "resnet18"
-    pretrained: Any = False
-    weights_path: str | None = None
-    init_translation: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-
-    def __post_init__(self) -> None:
-        check_encoder("encoder", self.encoder)
-        check_pretrained("pretrained", self.pretrained)
-        check_path("weights_path", self.weights_path, nullable=True)
-        t = self.init_translation
-        require(isinstance(t, list | tuple) and len(t) == 3 and all(is_number(v) for v in t),
-                "init_translation", t, "three numbers (x, y, z); forward motion is (0, 0, -t)")
 
 
 class PoseNetwork(nn.Module):

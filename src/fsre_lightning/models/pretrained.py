@@ -33,16 +33,7 @@ from urllib.parse import urlparse
 import torch
 from timm.models import get_pretrained_cfg
 
-from fsre_lightning.config.checks import check_choice
 from fsre_lightning.errors import UserError, first_line
-
-# true: ImageNet weights (downloaded when needed) or an error; false: random init; auto: weights
-# when a local copy exists, else random init with a warning.
-PRETRAINED = (True, False, "auto")
-
-
-def check_pretrained(key: str, value: Any) -> None:
-    check_choice(key, value, PRETRAINED)
 
 
 class PretrainedWeightsNotFound(UserError, RuntimeError):  # noqa: N818 - name given by the API

@@ -21,7 +21,7 @@ from fsre_lightning.cityscapes import NUM_CLASSES
 from fsre_lightning.config.checks import is_int
 from fsre_lightning.errors import UserError
 from fsre_lightning.models.decoder import DECODER_CHANNELS, NUM_SCALES
-from fsre_lightning.models.encoder import SIZE_DIVISOR
+from fsre_lightning.models.network_config import SIZE_DIVISOR
 from fsre_lightning.reference.keys import (
     CMA_FILE,
     DEPTH_FILE,

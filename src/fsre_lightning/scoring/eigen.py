@@ -9,7 +9,7 @@ errors, ratio statistics).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +20,12 @@ from fsre_lightning.data.decode import load_image, load_label
 from fsre_lightning.data.kitti_layout import IMAGE_EXTENSIONS
 from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import disp_to_depth
-from fsre_lightning.scoring.metrics import (
-    DEPTH_METRIC_KEYS,
-    DISPLAY_NAMES,
-    DepthMetrics,
-    SegmentationIoU,
-)
+from fsre_lightning.scoring.conventions import format_table_row
+from fsre_lightning.scoring.metrics import DEPTH_METRIC_KEYS, DepthMetrics, SegmentationIoU
+
+__all__ = ["EIGEN_KEYS", "evaluate_depth", "evaluate_eigen", "evaluate_segmentation",
+           "format_table_row", "post_process_disparity", "predict_disparity", "ramp_weights",
+           "semantic_pairs", "summarize"]
 
 if TYPE_CHECKING:  # the module and the data module only pass through here
     from fsre_lightning.data.kitti import KittiDataModule
@@ -139,14 +139,6 @@ def post_process_disparity(disp: torch.Tensor, disp_of_flipped: torch.Tensor) ->
     middle = 1.0 - left_border - right_border
     return (right_border * disp + left_border * unflipped
             + middle * 0.5 * (disp + unflipped))
-
-
-def format_table_row(results: Mapping[str, float]) -> str:
-    """The seven metrics as a header line and the paper's `&`-separated LaTeX row."""
-    # A row cell is "&", 8 characters, 2 spaces: the leading space ends each name over its number.
-    header = " " + " | ".join(f"{DISPLAY_NAMES[key]:>8}" for key in DEPTH_METRIC_KEYS)
-    row = "".join(f"&{results[key]:8.3f}  " for key in DEPTH_METRIC_KEYS) + "\\\\"
-    return f"{header}\n{row}"
 
 
 # ------------------------------------------------------------------ a trained module

@@ -19,26 +19,18 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from fsre_lightning.cityscapes import NUM_CLASSES, VOID
+from fsre_lightning.scoring.conventions import (
+    DEPTH_METRIC_KEYS,
+    DISPLAY_NAMES,
+    EVAL_CROPS,
+    GARG_CROP,
+    PROTOCOLS,
+    REPORTED_METRICS,
+)
 
-DEPTH_METRIC_KEYS: tuple[str, ...] = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
-# What a run reports: the seven depth errors (the paper's table columns), then mIoU.
-REPORTED_METRICS: tuple[str, ...] = (*DEPTH_METRIC_KEYS, "miou")
-# How every printout and table names them (the paper's column names; a1..a3 are d1..d3, the
-# share of pixels with max(gt / pred, pred / gt) < 1.25, 1.25^2, 1.25^3). JSON keys stay as above.
-DISPLAY_NAMES: dict[str, str] = {"abs_rel": "AbsRel", "sq_rel": "SqRel", "rmse": "RMSE",
-                                 "rmse_log": "RMSlog", "a1": "d1", "a2": "d2", "a3": "d3",
-                                 "miou": "mIoU"}
-# garg: the Garg/Eigen crop of KITTI's frames; none: every pixel with ground truth.
-EVAL_CROPS = ("garg", "none")
-# How a test split is scored (evaluate's `protocol`): eigen = Garg crop (data.eval_crop) and
-# ground truth capped to (min_depth, max_depth); improved = Monodepth2's protocol of the
-# improved (annotated) ground truth: every pixel with gt > 0, no crop, no cap on the ground
-# truth. Both clamp the prediction to [min_depth, max_depth]; auto = improved for annotated
-# ground truth, eigen otherwise.
-PROTOCOLS = ("auto", "eigen", "improved")
-
-# Garg/Eigen crop as fractions of the ground-truth size (rows, then columns).
-GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
+__all__ = ["DEPTH_METRIC_KEYS", "DISPLAY_NAMES", "EVAL_CROPS", "GARG_CROP", "PROTOCOLS",
+           "REPORTED_METRICS", "DepthMetrics", "SegmentationIoU", "compute_depth_metrics",
+           "depth_errors", "eval_mask", "garg_crop_box", "median", "metric_summary"]
 
 
 def garg_crop_box(height: int, width: int) -> tuple[int, int, int, int]:

@@ -37,7 +37,6 @@ from fsre_lightning.sweeps.context import (
     hydra_config,
     member_context,
 )
-from fsre_lightning.tracking.wandb import close_open_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +157,8 @@ def run_member(command: str, job: Callable[[Any], Any], cfg: Any, run_dir: str |
         if status is None:
             log.exception("sweep member %s crashed", Path(run_dir).name)
         record = record_failure(run_dir, command, err)
+        from fsre_lightning.tracking.wandb import close_open_wandb_run  # Lightning's, slow
+
         close_open_wandb_run()
         if member_context() is not None:
             # A member in its own process (launch_member): the parent reads the record.

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from fsre_lightning.errors import UserError
-from fsre_lightning.scoring.metrics import DISPLAY_NAMES, REPORTED_METRICS
+from fsre_lightning.scoring.conventions import DISPLAY_NAMES, REPORTED_METRICS
 from fsre_lightning.sweeps.members import member_folders, read_failure
 
 METRICS = REPORTED_METRICS

@@ -7,6 +7,7 @@ share one group (`config.resolvers.run_group`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Mapping
@@ -14,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, open_dict
-from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from rich.console import Console
 
-from fsre_lightning.scoring.metrics import REPORTED_METRICS
+from fsre_lightning.scoring.conventions import REPORTED_METRICS
 from fsre_lightning.sweeps.context import HydraCallback
 
 log = logging.getLogger(__name__)
@@ -29,20 +29,36 @@ WANDB_RUN_KEY = "wandb_run_id"
 def store_run_id(checkpoint: dict[str, Any], trainer: Any) -> None:
     """Record the trainer's wandb run id in `checkpoint` (if it logs to wandb)."""
     for logger in getattr(trainer, "loggers", []):
-        if isinstance(logger, _LightningWandbLogger) and logger.version:
+        if type(logger).__name__ == "WandbLogger" and logger.version:
             checkpoint[WANDB_RUN_KEY] = str(logger.version)
             return
 
 
-class WandbLogger(_LightningWandbLogger):
+@functools.cache
+def _wandb_logger_class() -> type:
     """Lightning's WandbLogger, except that it does not hand wandb.init an `anonymous=None` it
     was never given: wandb >= 0.19 ignores the setting and printed "The anonymous setting has
-    no effect" on every run. An explicit `anonymous` still goes through."""
+    no effect" on every run. An explicit `anonymous` still goes through. Built on first use
+    (`WandbLogger`, conf/logger/wandb.yaml's target): importing Lightning takes seconds, which
+    a command's help and usage errors must not wait for."""
+    from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self._wandb_init.get("anonymous") is None:
-            self._wandb_init.pop("anonymous", None)
+    class WandbLogger(LightningWandbLogger):
+        __doc__ = _wandb_logger_class.__doc__
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self._wandb_init.get("anonymous") is None:
+                self._wandb_init.pop("anonymous", None)
+
+    WandbLogger.__module__ = __name__
+    return WandbLogger
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WandbLogger":
+        return _wandb_logger_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sweep_sync_command(sweep_dir: str | Path) -> str | None:
