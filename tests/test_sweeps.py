@@ -332,9 +332,10 @@ def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
     retrained), reruns member 1 from its last checkpoint, resumes member 2 exactly and starts
     member 3: all four end bit-identical, in one sweep folder that `report` reads whole."""
     env = {**command_env(tmp_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # final_checkpoint=full: the members' whole end states are compared, optimiser included.
     args = [*SMALLEST, "name=chain", "seed=0,0,0,0", "trainer.max_steps=6",
-            "trainer.max_epochs=2", "callbacks.last_checkpoint.every_n_train_steps=1",
-            "--multirun"]
+            "final_checkpoint=full", "trainer.max_epochs=2",
+            "callbacks.last_checkpoint.every_n_train_steps=1", "--multirun"]
     proc = subprocess.Popen([sys.executable, "-m", "fsre_lightning.train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -80,6 +80,7 @@ class KittiDataModule(pl.LightningDataModule):
         self.frame_ids = [int(f) for f in cfg.frame_ids]
         self.batch_size, self.num_workers = cfg.batch_size, cfg.num_workers
         self._loaders: list[DataLoader] = []  # to shut their workers down at teardown
+        self._told_workers = False
         self.img_ext, self.use_labels = cfg.img_ext, cfg.use_labels
         self.label_format = cfg.label_format
         self.flip_prob = cfg.flip_prob
@@ -259,15 +260,16 @@ class KittiDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        workers = self._workers()
         common: dict[str, Any] = {
             "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
+            "num_workers": workers,
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
+            "persistent_workers": workers > 0,
             "collate_fn": collate,
             # SIGTERM/SIGINT to the process group must not kill a worker mid-batch: the main
             # process stops at a step boundary and shuts its workers down.
-            "worker_init_fn": ignore_stop_signals if self.num_workers > 0 else None,
+            "worker_init_fn": ignore_stop_signals if workers > 0 else None,
         }
         if shuffle:
             # Order and flips a function of (seed, epoch, sample): a killed run resumes exactly.
@@ -281,6 +283,19 @@ class KittiDataModule(pl.LightningDataModule):
                                           generator=torch.Generator(), **common)
         self._loaders.append(loader)
         return loader
+
+    def _workers(self) -> int:
+        """data.num_workers, at most the CPUs this process may use: more only time-share them
+        (PyTorch warned about it once per loader; the samples do not depend on the count)."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        if self.num_workers > cpus and not self._told_workers:
+            self._told_workers = True
+            log.info("data.num_workers=%d on %d CPUs: %d loader workers", self.num_workers,
+                     cpus, cpus)
+        return min(self.num_workers, cpus)
 
     def teardown(self, stage: str) -> None:
         self._shut_workers_down()
