@@ -428,6 +428,8 @@ def test_config_source_follows_the_split_folder(tmp_path: Path,
                ) == benchmark / "gt_depths.npz"
     assert f"wrote the annotated ground truth of {benchmark / 'test_files.txt'}" in (
         capsys.readouterr().out)
+    # The source is recorded beside the maps: evaluate names it and scores it by it.
+    assert json.loads((benchmark / "gt_depths.json").read_text())["source"] == "annotated"
     maps = load_gt_depths(benchmark / "gt_depths.npz")
     assert all(np.array_equal(m, v / np.float32(256)) for m, v in zip(maps, in_raw_tree,
                                                                        strict=True))

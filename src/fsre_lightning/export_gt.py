@@ -15,6 +15,7 @@ eigen_benchmark. `subset=val` does the same for val_files.txt -> gt_depths_val.n
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def run(cfg: DictConfig) -> Path:
                                        annotated_dir=cfg.annotated_dir, progress=cfg.progress)
     else:
         path = export_gt_depths(cfg.data.root, split_file, output, progress=cfg.progress)
-    print(f"wrote the {source} ground truth of {split_file} to {path}")
+    # What the maps are, beside them: evaluate names it and picks its protocol by it.
+    record = path.with_suffix(".json")
+    record.write_text(json.dumps({"source": source, "split_file": str(split_file)}) + "\n")
+    print(f"wrote the {source} ground truth of {split_file} to {path} (and {record.name})")
     return path
 
 
