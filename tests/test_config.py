@@ -268,3 +268,13 @@ def test_command_line_mistakes_are_one_line_with_exit_2(argv: list[str], expecte
     lines = err.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith("fsre_lightning.train: error: ")
     assert expected in lines[0] and not out
+
+
+def test_one_pose_sequence_is_a_number(compose: Any) -> None:
+    from fsre_lightning.config.schemas import as_sequences
+
+    cfg = compose("evaluate_pose", ["ckpt_path=a.ckpt", "odom_root=o", "sequences=9"])
+    validate_config(cfg, "evaluate_pose")
+    assert as_sequences(cfg.sequences) == [9]
+    assert as_sequences(compose("evaluate_pose", ["ckpt_path=a.ckpt", "odom_root=o"]).sequences
+                        ) == [9, 10]

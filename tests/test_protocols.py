@@ -103,3 +103,39 @@ def test_a_partial_score_never_replaces_a_full_one(tmp_path: Path) -> None:
     assert metrics_file(path, skipped=3) == tmp_path / "last.eval-eigen.partial.json"
     path.write_text(json.dumps({"num_skipped_frames": 2}))  # a partial one may be replaced
     assert metrics_file(path, skipped=3) == path
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_world_the_checkpoint_trained_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A smoke checkpoint used to make evaluate generate and score the full default world
+    (minutes); it scores the smoke world, and a data root holding another world is refused in
+    one line instead of being regenerated in place."""
+    from fsre_lightning import evaluate, train
+    from fsre_lightning.data.synthetic import generate_synthetic_kitti
+    from fsre_lightning.testing import command_env
+
+    for key, value in command_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    assert train.main(["+experiment=smoke", "model=monodepth2", "logger=csv",
+                       "model.network.encoder=test_resnet",
+                       "model.pose_network.encoder=test_resnet",
+                       f"hydra.run.dir={run_dir}"]) == 0
+    capsys.readouterr()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert evaluate.main([f"ckpt_path={ckpt}"]) == 0
+    out = capsys.readouterr().out
+    assert "data: the checkpoint's training data" in out and "6 frames scored" in out
+    assert "ground truth: rendered" in out
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic_smoke"]
+    results = json.loads(ckpt.with_name("last.eval-synthetic.json").read_text())
+    assert results["settings"]["protocol"] == "eigen"
+    other = generate_synthetic_kitti(tmp_path / "other", num_drives=3, frames_per_drive=5,
+                                     height=32, width=96, workers=1)
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    assert evaluate.main([f"ckpt_path={ckpt}", f"data.root={other}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another synthetic world (frames_per_drive 5 there" in err[0]
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
