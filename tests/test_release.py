@@ -492,5 +492,8 @@ def test_train_fine_tunes_from_an_imported_release(command_root: Path, cma_relea
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with pytest.raises(CheckpointMismatchError, match=r"init_weights=.*model\.network\."
-                                                      r"segmentation=True"):
+                                                      r"segmentation=True") as err:
         run(cfg)
+    # the way out names the key that was set (it said "start without ckpt_path")
+    assert "start without init_weights" in str(err.value)
+    assert "ckpt_path" not in str(err.value)

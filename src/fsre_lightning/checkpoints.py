@@ -162,8 +162,11 @@ def _listed(keys: list[str]) -> str:
 
 
 def check_state_dict_compatible(model: torch.nn.Module, state_dict: Mapping[str, Any],
-                                source: str = "checkpoint") -> None:
-    """Raise CheckpointMismatchError naming every key that would not load into `model`.
+                                source: str = "checkpoint", setting: str = "ckpt_path"
+                                ) -> None:
+    """Raise CheckpointMismatchError naming every key that would not load into `model`;
+    `setting` is the key that named the file (ckpt_path, init_weights), which the message
+    offers to leave out.
 
     Loading a checkpoint of another architecture otherwise fails deep inside load_state_dict
     (or, for shape mismatches, in the middle of a tensor copy) with a message that does not say
@@ -192,4 +195,4 @@ def check_state_dict_compatible(model: torch.nn.Module, state_dict: Mapping[str,
         f"{source} was trained with another architecture than this config builds; "
         + "; ".join(parts)
         + ". Use the model config the checkpoint was trained with (its run folder's "
-        "config.yaml), or start without ckpt_path")
+        f"config.yaml), or start without {setting}")

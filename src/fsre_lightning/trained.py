@@ -247,7 +247,8 @@ def load_initial_weights(module: FSREModule, source: str | os.PathLike[str]) -> 
             theirs = settings.get("attention_scale")
         what = f"checkpoint {path}"
     try:
-        check_state_dict_compatible(module, state, source=f"init_weights={str(path)!r}")
+        check_state_dict_compatible(module, state, source=f"init_weights={str(path)!r}",
+                                    setting="init_weights")
     except CheckpointMismatchError as err:
         hint = ""
         if settings is not None:
