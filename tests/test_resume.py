@@ -107,8 +107,9 @@ def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int,
 
 
 def _discard(*run_dirs: Path) -> None:
-    """Remove the run folders of a passed comparison: each holds ~300 MB checkpoints, and the
-    module's folder lives to its end (a failed comparison raises first and keeps them)."""
+    """Remove run folders no longer needed: their checkpoints add up (a chain link's is ~50
+    MB), and the module's folder lives to its end (a failed check raises first and keeps
+    them)."""
     for run_dir in run_dirs:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -219,8 +220,11 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
             resume = [f"ckpt_path={previous}"] if previous else []
             result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={run_dir}", *resume,
                                  *fault], env)
-            previous = run_dir / "checkpoints" / "last.ckpt"
-            _assert_stopped(name, result.returncode, result.stderr, signum, previous, step)
+            last = run_dir / "checkpoints" / "last.ckpt"
+            _assert_stopped(name, result.returncode, result.stderr, signum, last, step)
+            if previous is not None:  # resumed from: its checkpoint is not needed any more
+                _discard(previous.parent.parent)
+            previous = last
 
         # SIGKILL as step 14 starts, right after the step-14 save: the run ends with no
         # chance to save anything.
@@ -231,6 +235,7 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
                              *_fault(14, "SIGKILL")], env)
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
         assert int(_load(killed / "checkpoints" / "last.ckpt")["global_step"]) == 14
+        _discard(previous.parent.parent)
 
         # ckpt_path=last: the newest last.ckpt of the run's name, the killed run's. A SIGTERM
         # to the group from outside, a moment after the step-15 save.
@@ -248,6 +253,7 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
             proc.kill()
         resumed_cfg = OmegaConf.load(external / "config.yaml")
         assert resumed_cfg.ckpt_path == str(killed / "checkpoints" / "last.ckpt")
+        _discard(killed)
         last = external / "checkpoints" / "last.ckpt"
         stopped = int(_load(last)["global_step"])
         assert 15 <= stopped <= 18

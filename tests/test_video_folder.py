@@ -143,7 +143,11 @@ def test_video_folder_config_trains_two_steps(tmp_path: Path, monkeypatch) -> No
         "data.cache_workers=1", "data.val_fraction=0.25", "logger=csv",
         "callbacks.progress_bar=null", "trainer.max_steps=2", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1",
-        "model.network.pretrained=false", f"paths.root_dir={tmp_path}",
+        # The full model (its segmentation decoder takes the pseudo-labels) on timm's test
+        # ResNet; the weights alone at the end, no best checkpoint (only last.ckpt is checked).
+        "model.network.pretrained=false", "model.network.encoder=test_resnet",
+        "model.pose_network.encoder=test_resnet", "model.network.num_heads=1",
+        "final_checkpoint=weights", "callbacks.best_checkpoint=null", f"paths.root_dir={tmp_path}",
         f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'outputs'}",
         f"paths.run_dir={run_dir}",
     ]

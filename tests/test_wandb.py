@@ -56,7 +56,8 @@ def test_offline_run_resumed_logs_into_the_same_run_and_disabled_writes_nothing(
     common = [*TINY_SYNTHETIC, "+experiment=smoke", "model=monodepth2", "logger=wandb",
               "model.network.encoder=test_resnet", "model.pose_network.encoder=test_resnet"]
     offline = command_env(tmp_path, WANDB_MODE="offline")
-    first = run_command("train", [*common, "name=first"], offline)
+    # A full last.ckpt (smoke writes the weights only): this run is resumed.
+    first = run_command("train", [*common, "name=first", "final_checkpoint=full"], offline)
     assert first.returncode == 0, first.stderr[-3000:]
     (run1,) = (tmp_path / "outputs" / "first").iterdir()
     ckpt = run1 / "checkpoints" / "last.ckpt"
