@@ -278,3 +278,18 @@ def test_one_pose_sequence_is_a_number(compose: Any) -> None:
     assert as_sequences(cfg.sequences) == [9]
     assert as_sequences(compose("evaluate_pose", ["ckpt_path=a.ckpt", "odom_root=o"]).sequences
                         ) == [9, 10]
+
+
+def test_an_experiment_on_another_command_says_why_not(capsys: pytest.CaptureFixture[str],
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate +experiment=smoke` failed on `effective_batch_size is not a known key`, a key
+    the user never typed."""
+    from fsre_lightning import evaluate
+
+    monkeypatch.setenv("FSRE_OUTPUT_DIR", str(tmp_path))
+    assert evaluate.main(["ckpt_path=x.ckpt", "+experiment=smoke"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fsre_lightning.evaluate: error: +experiment=smoke configures "
+                           "training runs (fsre-train), not evaluate: it takes the data config "
+                           "the checkpoint was trained with")

@@ -169,6 +169,14 @@ def check_before_hydra(entry: str, argv: Sequence[str]) -> None:
                      "config and runs nothing; a sweep's members are checked when it starts)")
         sys.exit(EXIT_USER_ERROR)
     overrides = list(args.overrides)
+    experiment = next((o for o in overrides if o.lstrip("+~").startswith("experiment=")), None)
+    if experiment is not None and entry != "train":
+        report_error(entry, f"{experiment} configures training runs (fsre-train), not {entry}: "
+                     + ("it takes the data config the checkpoint was trained with; set data.* "
+                        "or data=<group> to score other data"
+                        if entry in ("evaluate", "evaluate_pose") else
+                        "give this command's own keys (--help lists them)"))
+        sys.exit(EXIT_USER_ERROR)
     if args.config_dir:
         overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
     problems: list[str] = []
