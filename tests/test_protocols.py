@@ -124,13 +124,18 @@ def test_evaluate_scores_the_world_the_checkpoint_trained_on(
                        "model.pose_network.encoder=test_resnet",
                        f"hydra.run.dir={run_dir}"]) == 0
     capsys.readouterr()
+
+    def strict(text: str) -> object:  # NaN/Infinity are not JSON: a strict parser refuses them
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    strict((run_dir / "metrics.json").read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert evaluate.main([f"ckpt_path={ckpt}"]) == 0
     out = capsys.readouterr().out
     assert "data: the checkpoint's training data" in out and "6 frames scored" in out
     assert "ground truth: rendered" in out
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic_smoke"]
-    results = json.loads(ckpt.with_name("last.eval-synthetic.json").read_text())
+    results = strict(ckpt.with_name("last.eval-synthetic.json").read_text())
     assert results["settings"]["protocol"] == "eigen"
     other = generate_synthetic_kitti(tmp_path / "other", num_drives=3, frames_per_drive=5,
                                      height=32, width=96, workers=1)
@@ -139,3 +144,12 @@ def test_evaluate_scores_the_world_the_checkpoint_trained_on(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds another synthetic world (frames_per_drive 5 there" in err[0]
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    from fsre_lightning.runtime import write_json
+
+    path = write_json(tmp_path / "m.json", {"after": {"abs_rel": float("nan")},
+                                            "monitor": {"value": float("inf")}, "n": [1.0]})
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert data == {"after": {"abs_rel": None}, "monitor": {"value": None}, "n": [1.0]}
