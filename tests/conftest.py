@@ -22,6 +22,7 @@ import pytest
 from omegaconf import DictConfig
 
 from fsre_lightning.testing import TINY_SYNTHETIC, command_env, compose_config, run_command
+from fsre_lightning.testing.forkserver import ForkServer
 
 # Tests never download: the Hugging Face hub is offline for the suite and every command it
 # starts (a download test mocks the hub).
@@ -149,6 +150,18 @@ def command(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProces
         return run_command(name, args, env or cli_env, **kwargs)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def forked() -> Iterator[ForkServer]:
+    """Starts `python -m fsre_lightning.<command>` runs (`.start`, `.run`), each a process of
+    its own, forked from one that has imported the train command (`testing.forkserver`): the
+    import of torch and Lightning, seconds of CPU, once per worker instead of once per run.
+    Tests of a command's whole output (warnings at import included) use `command`."""
+    # The training library, not only the command (which defers its heavy imports).
+    server = ForkServer(["fsre_lightning.training", "fsre_lightning.train"])
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ from fsre_lightning.testing import (
     command_env,
     compose_config,
     experiments,
-    run_command,
     run_main,
 )
+from fsre_lightning.testing.forkserver import ForkServer
 from fsre_lightning.training import apply_effective_batch
 
 EXPERIMENTS = experiments()
@@ -259,17 +259,19 @@ def test_report_rows_are_swept_values_with_mean_and_spread_over_seeds(tmp_path: 
 SMALL_ENCODERS = ["model.network.encoder=test_resnet", "model.pose_network.encoder=test_resnet"]
 
 
-def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run_command("train", [*SMALL_ENCODERS, *args], env, timeout=1200)
+def _train(forked: ForkServer, args: list[str], env: dict[str, str]
+           ) -> subprocess.CompletedProcess:
+    """`python -m fsre_lightning.train`, forked (conftest's `forked`)."""
+    return forked.run("fsre_lightning.train", [*SMALL_ENCODERS, *args], env, timeout=1200)
 
 
 @pytest.mark.slow
 def test_ablation_h_smoke_sweep_runs_three_members_logs_wandb_and_reports(
-        tmp_path: Path) -> None:
+        tmp_path: Path, forked: ForkServer) -> None:
     env = command_env(tmp_path, WANDB_MODE="offline")
     start = time.time()
     # No --multirun: a table is a sweep by itself.
-    result = _train(["+experiment=[ablation_h,smoke]"], env)
+    result = _train(forked, ["+experiment=[ablation_h,smoke]"], env)
     assert result.returncode == 0, result.stderr[-4000:]
     elapsed = time.time() - start
     (sweep,) = (tmp_path / "outputs" / "multirun" / "ablation_h").iterdir()
@@ -305,14 +307,15 @@ def test_ablation_h_smoke_sweep_runs_three_members_logs_wandb_and_reports(
 
 
 @pytest.mark.slow
-def test_ddp_cpu_two_processes_validate_like_one(command_root: Path) -> None:
+def test_ddp_cpu_two_processes_validate_like_one(command_root: Path,
+                                                  forked: ForkServer) -> None:
     tmp_path = command_root
     env = command_env(tmp_path)
     # 6 training frames: 3 steps an epoch on one process, 1 on each of two (batch 2 each).
     common = ["+experiment=smoke", "logger=csv", "eval_before=true", "trainer.max_steps=2",
               "trainer.max_epochs=2"]
     # Inside --multirun: the other rank must re-run this member, not the sweep.
-    ddp = _train([*common, "trainer=ddp_cpu", "name=ddp", "--multirun"], env)
+    ddp = _train(forked, [*common, "trainer=ddp_cpu", "name=ddp", "--multirun"], env)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     # The single process in this one.
     single = run_main(train_cli.main, [*common, *SMALL_ENCODERS, "name=single"])

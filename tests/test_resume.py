@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from fsre_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoad
 from fsre_lightning.module import FSREModule
 from fsre_lightning.runtime import CONFIG_DIR, PREEMPTED_EXIT_CODE
 from fsre_lightning.testing import command_env
+from fsre_lightning.testing.forkserver import ForkedProcess, ForkServer
 from fsre_lightning.training import resolve_ckpt_path
 
 # The tiny synthetic world of test_train_cli, the Monodepth2 baseline with timm's tiny test
@@ -83,15 +83,11 @@ def env(module_tmp: Callable[[str], Path]) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "fsre_lightning.train", *TINY, *args]
-
-
 def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int,
+def _wait_for_checkpoint(proc: ForkedProcess, path: Path, min_step: int,
                          timeout: float = 400) -> int:
     """Poll until `path` holds a checkpoint of at least `min_step` (saves are atomic: a file
     that exists is complete); returns its step."""
@@ -102,7 +98,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int,
             if step >= min_step:
                 return step
         time.sleep(0.1)
-    output = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
+    output = proc.communicate()[1] if proc.poll() is not None else ""
     raise AssertionError(f"no checkpoint of step >= {min_step} at {path}: {output[-3000:]}")
 
 
@@ -149,22 +145,16 @@ def _fault(step: int, signame: str = "SIGTERM", during: str = "train",
             f"+callbacks.fault.during={during}", *(["+callbacks.fault.rank=0"] if alone else [])]
 
 
-def _start_group(args: list[str], env: dict[str, str], log: Path | None = None
-                 ) -> subprocess.Popen:
+def _start_group(runs: ForkServer, args: list[str], env: dict[str, str]) -> ForkedProcess:
     """A run in its own session: a signal to its process group reaches it and its workers
-    only. Its output goes to pipes, or to the file `log` (a run nobody reads from while it
-    runs)."""
-    if log is None:
-        return subprocess.Popen(_command(args), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        return subprocess.Popen(_command(args), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    only. Forked (conftest's `forked`): the chain's thirteen runs would spend more CPU on
+    importing torch and Lightning than on training."""
+    return runs.start("fsre_lightning.train", [*TINY, *args], env)
 
 
-def _group_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = _start_group(args, env)
+def _group_run(runs: ForkServer, args: list[str], env: dict[str, str]
+               ) -> subprocess.CompletedProcess:
+    proc = _start_group(runs, args, env)
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:
@@ -185,7 +175,8 @@ def _assert_stopped(link: str, returncode: int, stderr: str, signum: int, last: 
 
 
 @pytest.mark.slow
-def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> None:
+def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str],
+                                                        forked: ForkServer) -> None:
     """Each stop the way a cluster, a terminal or the OOM killer makes it, and each resumed:
     SIGTERM to the process group as each of the first five steps starts (the first step,
     mid-epoch, an epoch's last step, whose stop waits for its validation, an epoch's first
@@ -197,9 +188,9 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
     a random moment (no hook picks it). The chain's end equals the uninterrupted run."""
     outputs = Path(env["FSRE_OUTPUT_DIR"])
     straight = outputs / "straight" / "run"
-    # Beside the chain, in a process of its own: its output goes to a file.
-    reference = _start_group([*WORKERS, "name=straight", f"hydra.run.dir={straight}"], env,
-                             log=outputs / "straight.log")
+    # Beside the chain, in a process of its own.
+    reference = _start_group(forked, [*WORKERS, "name=straight", f"hydra.run.dir={straight}"],
+                             env)
     chain = outputs / "chain"
     links: list[tuple[str, list[str], int, int]] = [
         # name, fault, signal, the step the run stops at (last.ckpt's step)
@@ -218,8 +209,8 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
         for name, fault, signum, step in links:
             run_dir = chain / name
             resume = [f"ckpt_path={previous}"] if previous else []
-            result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={run_dir}", *resume,
-                                 *fault], env)
+            result = _group_run(forked, [*WORKERS, "name=chain", f"hydra.run.dir={run_dir}",
+                                       *resume, *fault], env)
             last = run_dir / "checkpoints" / "last.ckpt"
             _assert_stopped(name, result.returncode, result.stderr, signum, last, step)
             if previous is not None:  # resumed from: its checkpoint is not needed any more
@@ -229,10 +220,10 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
         # SIGKILL as step 14 starts, right after the step-14 save: the run ends with no
         # chance to save anything.
         killed = chain / "kill"
-        result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={killed}",
-                             f"ckpt_path={previous}",
-                             "callbacks.last_checkpoint.every_n_train_steps=2",
-                             *_fault(14, "SIGKILL")], env)
+        result = _group_run(forked, [*WORKERS, "name=chain", f"hydra.run.dir={killed}",
+                                   f"ckpt_path={previous}",
+                                   "callbacks.last_checkpoint.every_n_train_steps=2",
+                                   *_fault(14, "SIGKILL")], env)
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
         assert int(_load(killed / "checkpoints" / "last.ckpt")["global_step"]) == 14
         _discard(previous.parent.parent)
@@ -240,9 +231,9 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
         # ckpt_path=last: the newest last.ckpt of the run's name, the killed run's. A SIGTERM
         # to the group from outside, a moment after the step-15 save.
         external = chain / "external"
-        proc = _start_group([*WORKERS, "name=chain", f"hydra.run.dir={external}",
-                             "ckpt_path=last",
-                             "callbacks.last_checkpoint.every_n_train_steps=1"], env)
+        proc = _start_group(forked, [*WORKERS, "name=chain", f"hydra.run.dir={external}",
+                                   "ckpt_path=last",
+                                   "callbacks.last_checkpoint.every_n_train_steps=1"], env)
         try:
             _wait_for_checkpoint(proc, external / "checkpoints" / "last.ckpt", 15)
             time.sleep(random.Random(7).uniform(0.0, 0.5))
@@ -260,10 +251,10 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
         _assert_stopped("external", proc.returncode, stderr, signal.SIGTERM, last, stopped)
 
         final = chain / "final"
-        result = _group_run([*WORKERS, "name=chain", f"hydra.run.dir={final}",
-                             f"ckpt_path={last}"], env)
+        result = _group_run(forked, [*WORKERS, "name=chain", f"hydra.run.dir={final}",
+                                   f"ckpt_path={last}"], env)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert reference.wait(timeout=600) == 0, (outputs / "straight.log").read_text()[-3000:]
+        assert reference.wait(timeout=600) == 0, reference.communicate()[1][-3000:]
     finally:
         reference.kill()
     metrics = json.loads((final / "metrics.json").read_text())
@@ -283,13 +274,14 @@ def test_a_chain_of_interruptions_resumes_bit_identical(env: dict[str, str]) -> 
 
 
 @pytest.mark.slow
-def test_ddp_ranks_stop_together_when_one_of_them_is_signalled(env: dict[str, str]) -> None:
+def test_ddp_ranks_stop_together_when_one_of_them_is_signalled(env: dict[str, str],
+                                                              forked: ForkServer) -> None:
     """SIGTERM to rank 1 of two DDP processes: both stop at the same boundary (a rank that
     stopped alone left the other waiting in its next all-reduce forever)."""
     run_dir = Path(env["FSRE_OUTPUT_DIR"]) / "ddp" / "run"
-    result = _group_run(["trainer=ddp_cpu", "trainer.max_steps=6", "trainer.max_epochs=6",
-                         "name=ddp", f"hydra.run.dir={run_dir}", FAULT,
-                         "+callbacks.fault.step=1", "+callbacks.fault.rank=1"], env)
+    result = _group_run(forked, ["trainer=ddp_cpu", "trainer.max_steps=6", "trainer.max_epochs=6",
+                               "name=ddp", f"hydra.run.dir={run_dir}", FAULT,
+                               "+callbacks.fault.step=1", "+callbacks.fault.rank=1"], env)
     assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-3000:]
     assert "preempted (SIGTERM)" in result.stderr and "Traceback" not in result.stderr
     last = _load(run_dir / "checkpoints" / "last.ckpt")

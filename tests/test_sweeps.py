@@ -9,7 +9,6 @@ import math
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import types
@@ -41,9 +40,9 @@ from fsre_lightning.testing import (
     command_env,
     compose_config,
     installed,
-    run_command,
     run_main,
 )
+from fsre_lightning.testing.forkserver import ForkedProcess, ForkServer
 
 TABLES = ["table1b", "ablation_sgt_layers", "ablation_k", "ablation_margin", "ablation_cma",
           "ablation_h", "ablation_cma_placement", "ablation_sgt_border"]
@@ -267,14 +266,15 @@ SMALLEST = [*TINY_SYNTHETIC, "+experiment=smoke", "model=monodepth2", "logger=cs
 
 
 @pytest.mark.slow
-def test_a_diverging_member_fails_alone_and_the_sweep_trains_the_others(tmp_path: Path) -> None:
+def test_a_diverging_member_fails_alone_and_the_sweep_trains_the_others(
+        tmp_path: Path, forked: ForkServer) -> None:
     """The issue's command: lr=1e30 in the middle member used to segfault the whole sweep (a
     NaN pose in grid_sample's backward); now it stops under model.nonfinite=stop, recorded,
     reported, and members 0 and 2 train."""
     env = command_env(tmp_path)
-    result = run_command("train", [*SMALLEST, "name=diverge", "model.nonfinite=stop",
-                                   "model.optimizer.lr=1e-4,1e30,1e-4", "trainer.max_steps=3",
-                                   "--multirun"], env, timeout=1200)
+    result = forked.run("fsre_lightning.train", [
+        *SMALLEST, "name=diverge", "model.nonfinite=stop", "model.optimizer.lr=1e-4,1e30,1e-4",
+        "trainer.max_steps=3", "--multirun"], env, timeout=1200)
     assert result.returncode == EXIT_SWEEP_FAILED, result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs" / "multirun" / "diverge").iterdir()
     assert (folder / "0" / "metrics.json").is_file() and (folder / "2" / "metrics.json").is_file()
@@ -311,7 +311,7 @@ def _children(pid: int) -> list[int]:
             for c in (task / "children").read_text().split()]
 
 
-def _await_step(proc: subprocess.Popen, path: Path, step: int, timeout: float = 600) -> None:
+def _await_step(proc: ForkedProcess, path: Path, step: int, timeout: float = 600) -> None:
     """Until `path` (saved atomically) holds a checkpoint of at least `step`."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -324,7 +324,7 @@ def _await_step(proc: subprocess.Popen, path: Path, step: int, timeout: float = 
 
 @pytest.mark.slow
 def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
-        tmp_path: Path) -> None:
+        tmp_path: Path, forked: ForkServer) -> None:
     """Four identical members (seed=0 each, so every one is an uninterrupted run of the
     others). Member 1 is SIGKILLed (the OOM killer's way): recorded naming the signal, and the
     sweep goes on. SIGTERM to the sweep's process group during member 2 stops it at a step
@@ -336,9 +336,8 @@ def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
     args = [*SMALLEST, "name=chain", "seed=0,0,0,0", "trainer.max_steps=6",
             "final_checkpoint=full", "trainer.max_epochs=2",
             "callbacks.last_checkpoint.every_n_train_steps=1", "--multirun"]
-    proc = subprocess.Popen([sys.executable, "-m", "fsre_lightning.train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # In a session of its own (a SIGTERM to its group below), forked (conftest's `forked`).
+    proc = forked.start("fsre_lightning.train", args, env)
     sweep_root = tmp_path / "outputs" / "multirun" / "chain"
     try:
         while proc.poll() is None and not list(sweep_root.glob("*/1")):
@@ -367,7 +366,7 @@ def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
     member0 = folder / "0" / "checkpoints" / "last.ckpt"
     before = member0.stat().st_mtime_ns
 
-    result = run_command("train", resume[1:], env, timeout=1200)
+    result = forked.run("fsre_lightning.train", resume[1:], env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert member0.stat().st_mtime_ns == before  # kept, not retrained
     assert [p.name for p in sweep_root.iterdir()] == [folder.name]
@@ -395,12 +394,13 @@ def test_a_killed_member_is_recorded_and_a_stopped_sweep_completes_in_place(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_OPTUNA, reason="the optional optuna extra is not installed")
-def test_optuna_search_minimises_the_returned_validation_abs_rel(tmp_path: Path) -> None:
+def test_optuna_search_minimises_the_returned_validation_abs_rel(tmp_path: Path,
+                                                                forked: ForkServer) -> None:
     env = command_env(tmp_path)
-    result = run_command("train", ["+experiment=[search_sgt,smoke]", "model.network.num_heads=1",
-                                   "model.network.encoder=test_resnet",
-                                   "model.pose_network.encoder=test_resnet",
-                                   "hydra.sweeper.n_trials=2"], env, timeout=1200)
+    result = forked.run("fsre_lightning.train", [
+        "+experiment=[search_sgt,smoke]", "model.network.num_heads=1",
+        "model.network.encoder=test_resnet", "model.pose_network.encoder=test_resnet",
+        "hydra.sweeper.n_trials=2"], env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs" / "multirun" / "search_sgt").iterdir()
     values = [json.loads((folder / str(i) / "metrics.json").read_text())["monitor"]

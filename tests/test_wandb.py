@@ -57,6 +57,8 @@ def test_offline_run_resumed_logs_into_the_same_run_and_disabled_writes_nothing(
               "model.network.encoder=test_resnet", "model.pose_network.encoder=test_resnet"]
     offline = command_env(tmp_path, WANDB_MODE="offline")
     # A full last.ckpt (smoke writes the weights only): this run is resumed.
+    # Interpreters of their own, not forked (conftest's `forked`): each wandb run of a process
+    # writes its images to a folder made when wandb is imported, and removed when it ends.
     first = run_command("train", [*common, "name=first", "final_checkpoint=full"], offline)
     assert first.returncode == 0, first.stderr[-3000:]
     (run1,) = (tmp_path / "outputs" / "first").iterdir()
