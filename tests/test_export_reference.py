@@ -19,6 +19,8 @@ from fsre_lightning.testing.tiny_checkpoints import POSE, make_run, network, sav
 from fsre_lightning.trained import load_module
 
 SIZE = (64, 192)
+# One worker builds the module's ResNet-18 checkpoints (~150 MB each) once for all its tests.
+pytestmark = pytest.mark.xdist_group("export_reference")
 CMA_FILES = ["decoder.pth", "encoder.pth", "opt.json", "pose.pth", "pose_encoder.pth"]
 PREFIX = "fsre_lightning.export_reference: error: "
 

@@ -34,6 +34,9 @@ from fsre_lightning.train import main as train_main
 from fsre_lightning.trained import load_initial_weights
 
 SIZE = (64, 192)
+# One worker builds the ~150 MB release fixture once for all tests of the module (and the
+# module's big files are never on the disk twice at once).
+pytestmark = pytest.mark.xdist_group("release")
 CH = (16, 32, 64, 128, 256)
 TINY_DATA = ["data=synthetic", "data.batch_size=2", "data.num_workers=0",
              "++data.synthetic.num_drives=3", "++data.synthetic.frames_per_drive=8",
@@ -83,6 +86,15 @@ def cma_release(module_tmp: Callable[[str], Path]) -> tuple[Path, FSRENetwork, P
     pose = make_pose()
     save_reference_release(depth, pose, folder, *SIZE)
     return folder, depth, pose
+
+
+@pytest.fixture(scope="module")
+def imported(module_tmp: Callable[[str], Path], cma_release) -> tuple[Path, str]:
+    """The CMA release imported into a checkpoint by the command, and what it printed."""
+    ckpt = module_tmp("imported") / "fsre.ckpt"
+    result = run_main(import_main, [str(cma_release[0]), "--out", str(ckpt)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ckpt, result.stdout
 
 
 def load(path: Path) -> dict:
@@ -319,22 +331,25 @@ def test_folder_without_encoder(tmp_path: Path, cma_release) -> None:
         load_reference_release(tmp_path / "missing")
 
 
-def _copy(src: Path, dst: Path) -> Path:
+def _copy(src: Path, dst: Path, *leave_out: str) -> Path:
+    """`dst` with a link to each file of `src` but `leave_out`, which the test writes itself
+    (writing to a link would change `src`, the module's release): ~150 MB less a copy."""
     dst.mkdir()
     for path in src.iterdir():
-        (dst / path.name).write_bytes(path.read_bytes())
+        if path.name not in leave_out:
+            (dst / path.name).symlink_to(path)
     return dst
 
 
 @pytest.mark.slow
 def test_state_dict_of_another_architecture(tmp_path: Path, cma_release) -> None:
-    folder = _copy(cma_release[0], tmp_path / "vgg")
+    folder = _copy(cma_release[0], tmp_path / "vgg", "encoder.pth")
     vgg = torchvision.models.vgg11(weights=None).features.state_dict()
     torch.save({f"encoder.{k}": v for k, v in vgg.items()}, folder / "encoder.pth")
     with pytest.raises(ReleaseFormatError, match=r"encoder\.pth: no key 'encoder\.conv1\.weight'"):
         load_reference_release(folder)
     # our own network's state dict is not the reference layout either
-    folder = _copy(cma_release[0], tmp_path / "ours")
+    folder = _copy(cma_release[0], tmp_path / "ours", "decoder.pth")
     torch.save(cma_release[1].state_dict(), folder / "decoder.pth")
     with pytest.raises(ReleaseFormatError, match=r"decoder\.pth: no output head"):
         load_reference_release(folder)
@@ -353,8 +368,8 @@ def test_state_dict_of_another_architecture(tmp_path: Path, cma_release) -> None
 
 @pytest.mark.slow
 def test_missing_unexpected_and_truncated(tmp_path: Path, cma_release) -> None:
-    folder = _copy(cma_release[0], tmp_path / "edited")
-    state = load(folder / "decoder.pth")
+    folder = _copy(cma_release[0], tmp_path / "edited", "decoder.pth")
+    state = load(cma_release[0] / "decoder.pth")
     del state["depth_decoder.decoder.3.conv.conv.bias"]
     state["att_d_to_s.3.extra"] = torch.zeros(1)
     torch.save(state, folder / "decoder.pth")
@@ -364,8 +379,8 @@ def test_missing_unexpected_and_truncated(tmp_path: Path, cma_release) -> None:
     assert "decoder.pth: missing depth_decoder.decoder.3.conv.conv.bias" in message
     assert "unexpected att_d_to_s.3.extra" in message
 
-    folder = _copy(cma_release[0], tmp_path / "truncated")
-    data = (folder / "decoder.pth").read_bytes()
+    folder = _copy(cma_release[0], tmp_path / "truncated", "decoder.pth")
+    data = (cma_release[0] / "decoder.pth").read_bytes()
     (folder / "decoder.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ReleaseFormatError, match=r"decoder\.pth cannot be read.*truncated"):
         load_reference_release(folder)
@@ -407,11 +422,10 @@ def test_what_the_reference_layout_cannot_hold(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- import, evaluate
 @pytest.mark.slow
-def test_import_then_evaluate_end_to_end(tmp_path: Path, cma_release, images, capsys) -> None:
-    folder, depth, pose = cma_release
-    assert import_main([str(folder), "--out", str(tmp_path / "fsre.ckpt")]) == 0
-    ckpt = tmp_path / "fsre.ckpt"
-    printed = capsys.readouterr().out
+def test_import_then_evaluate_end_to_end(tmp_path: Path, cma_release, images,
+                                         imported: tuple[Path, str]) -> None:
+    _, depth, pose = cma_release
+    ckpt, printed = imported
     assert "ResNet-18" in printed and "s = 4, 3, 2 (paper l = 0, 1, 2)" in printed
     assert "H = 4 x r = 2" in printed and "64 x 192" in printed and "parameters" in printed
 
@@ -440,10 +454,10 @@ def test_import_errors_are_one_line(tmp_path: Path, capsys) -> None:
 
 # ---------------------------------------------------------------------------- fine-tuning
 @pytest.mark.slow
-def test_init_weights_from_checkpoint_and_folder(tmp_path: Path, cma_release, images) -> None:
+def test_init_weights_from_checkpoint_and_folder(cma_release, images,
+                                                 imported: tuple[Path, str]) -> None:
     folder, depth, pose = cma_release
-    assert import_main([str(folder), "--out", str(tmp_path / "fsre.ckpt")]) == 0
-    ckpt = tmp_path / "fsre.ckpt"
+    ckpt, _ = imported
     expected = outputs(depth, pose, *images)
     network = {"_target_": "fsre_lightning.models.FSRENetwork", "encoder": "resnet18"}
     pose_cfg = {"_target_": "fsre_lightning.models.PoseNetwork", "encoder": "resnet18"}
@@ -468,10 +482,10 @@ def test_init_weights_config_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_fine_tunes_from_an_imported_release(command_root: Path, cma_release) -> None:
+def test_train_fine_tunes_from_an_imported_release(command_root: Path,
+                                                   imported: tuple[Path, str]) -> None:
     tmp_path = command_root
-    assert import_main([str(cma_release[0]), "--out", str(tmp_path / "fsre.ckpt")]) == 0
-    ckpt = tmp_path / "fsre.ckpt"
+    ckpt, _ = imported
     # The weights alone at the end and no best checkpoint: a ResNet-18 FSRE's full last.ckpt
     # is ~400 MB, and only its existence is checked.
     args = [*TINY_DATA, "logger=csv", "data.height=64", "data.width=192",
