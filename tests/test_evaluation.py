@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from fsre_lightning.data import read_split
@@ -191,9 +193,20 @@ def tiny_run(module_tmp: Callable[[str], Path]) -> Path:
 
 
 def _compose(tmp_path: Path, overrides: list[str]):
+    """The config as the command line composes it, its overrides recorded where evaluate
+    reads them (`data=synthetic` of TINY_DATA is the command line's data group, not the
+    checkpoint's training data)."""
     base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
             f"paths.output_dir={tmp_path / 'outputs'}", *TINY_DATA]
-    return compose_config("evaluate", [*base, *overrides])
+    cfg = compose_config("evaluate", [*base, *overrides], hydra=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "outputs" / "evaluate")
+        cfg.hydra.runtime.cwd = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)  # conftest restores Hydra's after the test
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 @pytest.mark.slow

@@ -515,7 +515,9 @@ def test_evaluate_scores_the_improved_ground_truth_with_the_eigen_protocol(
     run(_compose(tmp_path, [f"data.root={root}", "split=eigen_benchmark",
                             f"annotated_dir={annotated_dir}"]))
 
-    data = [f"ckpt_path={checkpoint}", f"data.root={root}", f"data.split_dir={split_dir}"]
+    # The Eigen protocol asked for: protocol=auto scores annotated maps as published tables do.
+    data = [f"ckpt_path={checkpoint}", f"data.root={root}", f"data.split_dir={split_dir}",
+            "protocol=eigen"]
     results = _evaluate(tmp_path, [*data, f"metrics_path={tmp_path / 'garg.json'}"])
     assert "4 frames scored" in capsys.readouterr().out
     written = json.loads((tmp_path / "garg.json").read_text())
