@@ -404,6 +404,7 @@ def test_input_errors_stop_with_one_line(tmp_path: Path, checkpoint: Path,
     assert not (checkpoint.parent / "last.eval-pose-09.json").exists()
 
 
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_cli_scores_and_fails_in_one_line(command_root: Path, checkpoint: Path) -> None:
     tmp_path = command_root
     root = make_odometry(tmp_path / "odom", curve(6), sequence=10)

@@ -239,6 +239,7 @@ def _cli(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
         return run_main(main, args)
 
 
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_cli_writes_the_file_and_reports_a_missing_scan_without_traceback(
         command_root: Path) -> None:
     tmp_path = command_root
@@ -452,6 +453,7 @@ def test_config_source_follows_the_split_folder(tmp_path: Path,
                                 f"annotated_dir={annotated_dir}"]))
 
 
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_cli_exports_annotated_maps_and_names_a_missing_one_in_one_line(
         command_root: Path) -> None:
     tmp_path = command_root

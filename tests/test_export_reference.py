@@ -197,6 +197,7 @@ def test_networks_the_release_cannot_hold(tmp_path: Path, capsys, changes: dict,
 
 
 # ---------------------------------------------------------------------------- the command
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_command_line(fsre_ckpt: Path, command_root: Path) -> None:
     out = command_root / "release"
     result = run_main(main, [str(fsre_ckpt), "--out", str(out)])

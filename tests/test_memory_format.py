@@ -202,7 +202,9 @@ def _run(net: FSRENetwork, pose: PoseNetwork, image: torch.Tensor, other: torch.
     return results
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# float64: 4 s of a CPU, in make test (slow); float32 in the fast tier too.
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float64, marks=pytest.mark.slow),
+                                   torch.float32])
 def test_channels_last_networks_run_every_convolution_nhwc(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     net = FSRENetwork(encoder="resnet18", pretrained=False).to(dtype).train()

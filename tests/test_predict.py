@@ -165,6 +165,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path, ckpt: Path) -> None:
                             "camera_height=1.5", f"output={tmp_path}/o"]))
 
 
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_cli_reports_a_bad_input_in_one_line(command_root: Path, ckpt: Path) -> None:
     empty = command_root / "nothing_here"
     empty.mkdir()

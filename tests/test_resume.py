@@ -332,6 +332,7 @@ def test_ckpt_path_last_takes_the_newest_run_and_fails_clearly_without_one(
         resolve_ckpt_path(OmegaConf.merge(cfg, {"ckpt_path": str(tmp_path / "nope.ckpt")}))
 
 
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_resuming_another_architecture_fails_before_training_naming_the_keys(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

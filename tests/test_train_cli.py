@@ -85,6 +85,7 @@ def test_two_steps_write_checkpoints_config_and_metrics(tmp_path: Path, command:
         ("data.root=/nonexistent/kitti", "/nonexistent/kitti"),
     ],
 )
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_bad_input_fails_before_training_with_a_clear_message(
     command_root: Path, capsys: pytest.CaptureFixture[str], override: str, fragment: str
 ) -> None:
@@ -114,6 +115,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(
                                               reason="tensorboard is installed")),
     ],
 )
+@pytest.mark.slow  # the command line end to end (in-process)
 def test_what_only_the_machine_knows_fails_before_any_data_work(
     command_root: Path, capsys: pytest.CaptureFixture[str], no_network: None, override: str,
     fragment: str

@@ -138,6 +138,7 @@ def test_one_training_step_updates_every_used_parameter(variant: str) -> None:
     assert (module.net.seg_decoder is not None) == has_seg
 
 
+@pytest.mark.slow  # the encoder-family smoke runs merged here: 1.5 s each
 @pytest.mark.parametrize("encoder", ["convnext_atto", "efficientnet_b0", "regnetx_002"])
 def test_a_training_step_with_other_encoder_families(encoder: str, tmp_path: Path) -> None:
     """Full model and pose network on three non-ResNet families (docs/design.md 3.1): the

@@ -147,7 +147,9 @@ class ArchiveServer:
         self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # Polled every 50 ms, not 0.5 s: shutdown() waits for the next poll, once per test.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        daemon=True)
 
     def __enter__(self) -> ArchiveServer:
         self._thread.start()
