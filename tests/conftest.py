@@ -42,14 +42,17 @@ START_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """START_FIRST, then the other slow tests, then the rest, each in collection order; under
-    `--dist loadgroup`, each test of an `xdist_group` named by its group."""
+    """START_FIRST, then the other slow tests, then the grouped tests (one unit of work each
+    under `--dist loadgroup`: a late one leaves the other workers idle), then the rest, each in
+    collection order; under loadgroup, each test of an `xdist_group` named by its group."""
 
     def rank(item: pytest.Item) -> int:
         for i, prefix in enumerate(START_FIRST):
             if item.nodeid.startswith(prefix):
                 return i
-        return len(START_FIRST) + (item.get_closest_marker("slow") is None)
+        if item.get_closest_marker("slow") is not None:
+            return len(START_FIRST)
+        return len(START_FIRST) + 1 + (item.get_closest_marker("xdist_group") is None)
 
     order = {id(item): (rank(item), i) for i, item in enumerate(items)}
     items.sort(key=lambda item: order[id(item)])

@@ -81,6 +81,8 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- round trips
+# Each writes and reads back a whole release (~100 MB): with the other exports, in make test.
+@pytest.mark.slow
 def test_export_round_trip_gives_the_checkpoint_outputs(
         fsre_ckpt: Path, tmp_path: Path, images, capsys) -> None:
     out = tmp_path / "release"
@@ -106,6 +108,7 @@ def test_export_round_trip_gives_the_checkpoint_outputs(
     assert_same_outputs(fsre_ckpt, release, images)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_another_architecture_at_an_explicit_resolution(
         tmp_path: Path, images, capsys) -> None:
     out = tmp_path / "release"
