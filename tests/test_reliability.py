@@ -24,7 +24,7 @@ from fsre_lightning.data.kitti_layout import KITTI_INTRINSICS
 from fsre_lightning.errors import DataError
 from fsre_lightning.geometry import intrinsics_matrix
 from fsre_lightning.module import FSREModule
-from fsre_lightning.nonfinite import NonFiniteLossError
+from fsre_lightning.nonfinite import NonFiniteLossError, NonFinitePolicy
 from fsre_lightning.testing import optimiser_configs
 from fsre_lightning.testing.kitti_tree import DRIVE, make_kitti
 
@@ -136,6 +136,22 @@ def test_collate_drops_skipped_samples() -> None:
 
 
 # ------------------------------------------------------------------------ non-finite losses
+def test_skip_warns_once_a_step_naming_only_terms_not_warned_of_before(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A diverged step has every term non-finite: one line for it (it was eight), and later
+    steps only name a term that had not gone non-finite before."""
+    policy = NonFinitePolicy("skip", max_consecutive=10)
+    with caplog.at_level(logging.WARNING, logger="fsre_lightning.nonfinite"):
+        for step, terms in enumerate([["photometric", "smoothness", "total"],
+                                      ["photometric", "total"], ["sgt", "total"]]):
+            policy.start_step()
+            policy.handle("loss", terms, step, ["d 1 l"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and policy.skipped == 3
+    assert lines[0].startswith("non-finite loss (photometric, smoothness, total) at step 0")
+    assert lines[1].startswith("non-finite loss (sgt) at step 2 on frames [d 1 l]: step skipped")
+
+
 def batches(n: int = 4) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     K = intrinsics_matrix(H, W, KITTI_INTRINSICS)

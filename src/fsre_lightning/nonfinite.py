@@ -1,12 +1,12 @@
 """What a training step does when a loss term or a gradient is NaN/inf (`model.nonfinite`).
 
 `skip` (the default) takes no optimiser step for that batch, so Adam's moments and a per-step
-lr warm-up are untouched; it counts the step, warns once per loss term and gives up after
-`max_consecutive` bad steps in a row (then the data or the numerics are broken, and the
-remaining hours would be wasted). `stop` ends the run at once, before the step is taken, with
-an error naming the term(s) and the batch's frames. FSREModule owns one `NonFinitePolicy` and
-calls it from its hooks; the policy holds no tensors and is not checkpointed (its counters
-describe this process's run).
+lr warm-up are untouched; it counts the step, warns in one line naming the terms not warned of
+before, and gives up after `max_consecutive` bad steps in a row (then the data or the numerics
+are broken, and the remaining hours would be wasted). `stop` ends the run at once, before the
+step is taken, with an error naming the term(s) and the batch's frames. FSREModule owns one
+`NonFinitePolicy` and calls it from its hooks; the policy holds no tensors and is not
+checkpointed (its counters describe this process's run).
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ class NonFinitePolicy:
         self.skip_step = True
         self.skipped += 1
         self.consecutive += 1
-        for term in terms:
-            if term not in self._warned:  # once per term: a log, not a flood
-                self._warned.add(term)
-                log.warning("non-finite %s %s at step %d on frames [%s]: step skipped "
-                            "(model.nonfinite=skip; counted in train/skipped_nonfinite)",
-                            what, term, step, where)
+        new = [term for term in terms if term not in self._warned]
+        if new:  # one line per step, each term once a run: a log, not a flood
+            self._warned.update(new)
+            log.warning("non-finite %s (%s) at step %d on frames [%s]: step skipped "
+                        "(model.nonfinite=skip; counted in train/skipped_nonfinite)",
+                        what, ", ".join(new), step, where)
         if self.consecutive > self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive steps had non-finite {what} ({names}), last "
