@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # Python's bytecode cache (and pytest's cache of rewritten test modules) stays on where the
 # environment turns it off (PYTHONDONTWRITEBYTECODE=1, as on this project's machines): without
 # it every test worker, and every command a test starts, compiles the package and the tests
-# again (make test-fast 54-60 s instead of 49-52 s on 2 cores, 2026-12-07). __pycache__ is git-ignored.
+# again (make test-fast 54-60 s instead of 49-52 s on 2 cores, 2026-12-07). __pycache__ is
+# git-ignored.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install test test-fast lint demo clean constraints check-floors gpu-carry
