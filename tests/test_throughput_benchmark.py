@@ -73,6 +73,8 @@ def test_cpu_run_prints_a_numeric_images_per_second(tmp_path: Path) -> None:
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[1:3] == ["32", "1"]
     assert float(cells[3]) > 0  # images/s of the loop
-    assert float(cells[8]) > 0  # the worker persisted: its CPU time is known
+    # The worker persisted, so its CPU time is known ("n/a" otherwise). Its value may be 0.00:
+    # /proc counts 10 ms ticks, and one timed batch of prefetched tiny frames can use less.
+    assert cells[8] != "n/a" and float(cells[8]) >= 0
     assert float(cells[10]) == 2.0 and float(cells[11]) == pytest.approx(
         float(cells[3]) / 2.0, abs=0.01)
