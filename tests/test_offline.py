@@ -19,22 +19,14 @@ from fsre_lightning import train
 from fsre_lightning.data import label_caches
 from fsre_lightning.errors import DataError
 from fsre_lightning.models import pretrained
-from fsre_lightning.testing import command_env, run_main
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from fsre_lightning.testing import closed_port, command_env, run_main
 
 PROBE = "probe"
 
 
 @dataclass
 class NoNetwork:
-    endpoint: str
-    port: int
+    port: int  # the hub's endpoint is http://127.0.0.1:<port>, where nothing listens
     # Every address a socket of this process connected to, with PROBE where the probe began.
     attempts: list[Any] = field(default_factory=list)
 
@@ -44,6 +36,10 @@ class NoNetwork:
         control (huggingface_hub fetches a user-agent registry once per process)."""
         assert self.attempts.count(PROBE) == 1, self.attempts
         return self.attempts[self.attempts.index(PROBE):]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def probe_alone(self) -> list[Any]:
@@ -57,9 +53,7 @@ def hub_without_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> NoNe
     recorded (the probe's and any hub client's, whatever HTTP library it uses)."""
     from huggingface_hub import constants
 
-    port = closed_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    net = NoNetwork(endpoint, port)
+    net = NoNetwork(closed_port())
     connect = socket.socket.connect
 
     def recording_connect(sock: socket.socket, address: Any) -> None:
@@ -76,7 +70,7 @@ def hub_without_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> NoNe
     monkeypatch.setattr(pretrained, "_connect", recorded_probe)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", net.endpoint)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for key, value in command_env(tmp_path).items():

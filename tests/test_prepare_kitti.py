@@ -34,7 +34,7 @@ from fsre_lightning.data.kitti_sources import (
     plan_archives,
 )
 from fsre_lightning.errors import ConfigError, DataError
-from fsre_lightning.testing import command_env, compose_config, run_main
+from fsre_lightning.testing import closed_port, command_env, compose_config, run_main
 from fsre_lightning.testing.kitti_server import (
     DATE,
     DRIVE,
@@ -244,7 +244,7 @@ def test_a_connection_that_keeps_failing_keeps_what_was_fetched(tmp_path: Path,
 
 
 def test_no_server_is_one_line_after_the_retries(tmp_path: Path, server: ArchiveServer) -> None:
-    closed = _closed_port()
+    closed = closed_port()
     result = run_main(prepare_kitti.main, [*args(tmp_path, server),
                                            f"data.prepare.archive_url=http://127.0.0.1:{closed}"])
     line = one_line(result.stderr)
@@ -437,14 +437,6 @@ def test_the_command_checks_its_config_first(tmp_path: Path, server: ArchiveServ
     result = run_main(prepare_kitti.main, [*args(tmp_path, server), "data.prepare.jpeg=maybe"])
     assert result.returncode == 2 and not server.gets
     assert "data.prepare.jpeg" in result.stderr
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------- smoke on KITTI

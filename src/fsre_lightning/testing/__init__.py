@@ -9,7 +9,8 @@
 - `compose_config`, `command_env`, `run_command`, `TINY_SYNTHETIC`: composed configs and
   command runs in a temporary folder (tests/conftest.py offers them as fixtures);
 - `run_main`: a command's `main(argv)` in this process, with its exit status and output as
-  `run_command` gives them (no interpreter start: seconds less per call).
+  `run_command` gives them (no interpreter start: seconds less per call);
+- `closed_port`: a local port nothing listens on, as a URL's port for "no network".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -101,6 +103,13 @@ def command_env(root: Path, **extra: str) -> dict[str, str]:
     """The environment of a command run by a test: data and runs under `root`, no wandb."""
     return {**os.environ, "FSRE_DATA_DIR": str(root / "data"),
             "FSRE_OUTPUT_DIR": str(root / "outputs"), "WANDB_MODE": "disabled", **extra}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_command(command: str, args: Sequence[str], env: Mapping[str, str],
