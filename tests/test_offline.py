@@ -5,6 +5,7 @@ The attempts are counted, not timed (timings belong in benchmarks)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -112,16 +113,35 @@ def test_a_segmentation_model_to_download_without_network_fails_at_once(
     assert hub_without_network.from_the_probe_on() == hub_without_network.probe_alone
 
 
+# `python -m fsre_lightning.train ARGS`, its socket connections written at exit to the file
+# $CONNECTIONS_FILE names.
+COUNTING_TRAIN = """
+import atexit, json, os, runpy, socket
+seen = []
+connect = socket.socket.connect
+def recording_connect(sock, address):
+    seen.append(list(address) if isinstance(address, tuple) else address)
+    return connect(sock, address)
+socket.socket.connect = recording_connect
+atexit.register(lambda: open(os.environ["CONNECTIONS_FILE"], "w").write(json.dumps(seen)))
+runpy.run_module("fsre_lightning.train", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.slow
 def test_fsre_train_offline_fails_in_one_line(tmp_path: Path) -> None:
     """A real process whose HF_ENDPOINT (read from the environment at import) is a closed port,
-    as a machine with no network has no route to huggingface.co: one line, no retry warnings."""
-    env = command_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
-                      HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    as a machine with no network has no route to huggingface.co: one line, no retry warnings,
+    one connection attempt to the hub."""
+    port = closed_port()
+    attempts = tmp_path / "connections.json"
+    env = command_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}",
+                      HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+                      CONNECTIONS_FILE=str(attempts))
     env.pop("HF_HUB_OFFLINE", None)
-    result = subprocess.run([sys.executable, "-m", "fsre_lightning.train", "model=monodepth2",
-                             "model.network.pretrained=true", "logger=none"], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", COUNTING_TRAIN,
+                             "model=monodepth2", "model.network.pretrained=true", "logger=none"],
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     # Lightning's "Seed set to 0" (its info log, on stderr) and the error: nothing else.
     lines = [line for line in result.stderr.strip().splitlines()
@@ -129,3 +149,4 @@ def test_fsre_train_offline_fails_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "there is no network" in lines[0], result.stderr[-3000:]
     assert env["HF_ENDPOINT"] in lines[0]
     assert "Retrying" not in result.stdout + result.stderr
+    assert json.loads(attempts.read_text()) == [["127.0.0.1", port]]  # the probe, nothing more
